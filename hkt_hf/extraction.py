@@ -1,0 +1,139 @@
+"""Extraction (the E of ETM): forward hooks that capture, and optionally replace, features of named modules.
+
+Hooks exist only inside a `with FeatureExtractor(...)` block, so nothing is left on a model after a step, an
+exception or Ctrl-C, and captured tensors never outlive the step that produced them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+INPUT_SUFFIX = ":input"
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Where a feature lives: the output (default) or the first positional input of a module, by dotted name."""
+
+    module: str
+    where: str = "output"
+
+    @classmethod
+    def parse(cls, text: str) -> "FeatureSpec":
+        text = text.strip()
+        if text.endswith(INPUT_SUFFIX):
+            return cls(text[: -len(INPUT_SUFFIX)], "input")
+        return cls(text, "output")
+
+    def __str__(self) -> str:
+        return self.module + (INPUT_SUFFIX if self.where == "input" else "")
+
+
+def resolve_module(model: nn.Module, name: str, role: str = "model") -> nn.Module:
+    """`model.get_submodule(name)` with an error that lists the closest existing names."""
+    try:
+        return model.get_submodule(name) if name else model
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        hint = f" Closest names: {', '.join(close)}." if close else f" Top-level modules: {', '.join(n for n in names if '.' not in n)}."
+        raise ValueError(f"The {role} ({type(model).__name__}) has no module named '{name}'.{hint}") from None
+
+
+def first_tensor(value: Any) -> torch.Tensor:
+    """The feature tensor of a module output: the tensor itself, or the first element of a tuple/ModelOutput."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, dict):
+        value = tuple(value.values())
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    raise TypeError(f"Cannot take a feature tensor from a module output of type {type(value).__name__}.")
+
+
+def with_first_tensor(value: Any, tensor: torch.Tensor) -> Any:
+    """`value` with its feature tensor (see `first_tensor`) swapped for `tensor`."""
+    if isinstance(value, torch.Tensor):
+        return tensor
+    if isinstance(value, dict):
+        out = value.__class__(value)
+        out[next(iter(value))] = tensor
+        return out
+    return type(value)((tensor, *value[1:]))
+
+
+Replacement = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class FeatureExtractor:
+    """Captures features `specs` of `model` during the forward passes run inside the `with` block.
+
+    `replace(i, feature)`, if given, returns the tensor that the forward continues with in place of feature i. With
+    `grad_after_replace`, autograd is switched on from the first replacement to the end of the block: run the
+    forward under `torch.no_grad()` and only the part downstream of the replaced feature records a graph.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        specs: Sequence[FeatureSpec],
+        replace: Replacement | None = None,
+        grad_after_replace: bool = False,
+        role: str = "model",
+    ):
+        self.modules = [resolve_module(model, spec.module, role) for spec in specs]
+        self.specs = list(specs)
+        self.replace = replace
+        self.grad_after_replace = grad_after_replace
+        self.features: dict[int, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._grad_mode = torch.is_grad_enabled()
+
+    def _swap(self, index: int, feature: torch.Tensor) -> torch.Tensor | None:
+        self.features[index] = feature
+        if self.replace is None:
+            return None
+        if self.grad_after_replace:
+            torch.set_grad_enabled(True)
+        return self.replace(index, feature)
+
+    def _hook(self, index: int, where: str) -> Callable:
+        if where == "input":
+
+            def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
+                new = self._swap(index, first_tensor(args))
+                return None if new is None else with_first_tensor(args, new)
+
+            return pre_hook
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            new = self._swap(index, first_tensor(output))
+            return None if new is None else with_first_tensor(output, new)
+
+        return hook
+
+    def __enter__(self) -> "FeatureExtractor":
+        self._grad_mode = torch.is_grad_enabled()
+        self.features = {}
+        for i, (spec, module) in enumerate(zip(self.specs, self.modules)):
+            if spec.where == "input":
+                self._handles.append(module.register_forward_pre_hook(self._hook(i, "input")))
+            else:
+                self._handles.append(module.register_forward_hook(self._hook(i, "output")))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        torch.set_grad_enabled(self._grad_mode)
+
+    def clear(self) -> None:
+        """Drop captured tensors (and the graphs they hold)."""
+        self.features = {}

@@ -1,0 +1,116 @@
+"""Mixture (the M of ETM): Genetic Attention gates that mix the transferred parent feature p into the child's q.
+
+Every gate returns m = q + w * (p - q) with a mixing weight w in [0, 1], computed in float32:
+
+- `genetic` (reference): a = sigmoid(<q, p> / sqrt(C)), w = lambda * (1 - a): more parent where they disagree.
+- `agreement`: w = lambda * a, a gate that grows with agreement (the authors' later description).
+- `static`: w = 0.7 (m = 0.7 p + 0.3 q), from an unused function of the reference code; lambda is ignored.
+- `learned`: like `genetic` with trainable query/key projections (initialised to identity) and a trainable lambda.
+
+The gate is computed over channels: once per sample for vectors [B, C], per token for [B, N, D] and per spatial
+position for maps [B, C, H, W].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+STATIC_PARENT_WEIGHT = 0.7
+
+
+class GateOutput(NamedTuple):
+    mixed: torch.Tensor  # m, float32, same layout as q
+    gate: torch.Tensor  # a, one value per sample / token / position
+    weight: torch.Tensor  # w, the effective weight of the parent in m
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.movedim(1, -1) if x.ndim == 4 else x
+
+
+def _channels_first(x: torch.Tensor, ndim: int) -> torch.Tensor:
+    return x.movedim(-1, 1) if ndim == 4 else x
+
+
+class Gate(nn.Module):
+    """Base class: subclasses give the agreement logits and the mixing weight from the gate value."""
+
+    def __init__(self, lam: float = 0.6):
+        super().__init__()
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lambda must lie in [0, 1], got {lam}.")
+        self.lam = lam
+
+    def logits(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return (q * p).sum(-1) / math.sqrt(q.shape[-1])
+
+    def mixing_weight(self, a: torch.Tensor) -> torch.Tensor:
+        return self.lam * (1.0 - a)
+
+    def forward(self, q: torch.Tensor, p: torch.Tensor) -> GateOutput:
+        if q.shape != p.shape:
+            raise ValueError(f"Gate inputs differ in shape: child {tuple(q.shape)}, parent {tuple(p.shape)}.")
+        ql, pl = _channels_last(q.float()), _channels_last(p.float())
+        a = torch.sigmoid(self.logits(ql, pl))
+        w = self.mixing_weight(a)
+        mixed = ql + w.unsqueeze(-1) * (pl - ql)
+        return GateOutput(_channels_first(mixed, q.ndim), a, w)
+
+
+class GeneticGate(Gate):
+    """The reference Genetic Attention: w = lambda * (1 - sigmoid(<q, p> / sqrt(C)))."""
+
+
+class AgreementGate(Gate):
+    """w = lambda * a: the child takes more from the parent where the two agree."""
+
+    def mixing_weight(self, a: torch.Tensor) -> torch.Tensor:
+        return self.lam * a
+
+
+class StaticGate(Gate):
+    """Fixed m = 0.7 p + 0.3 q; the reported gate is the constant parent weight."""
+
+    def logits(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return torch.full(q.shape[:-1], math.log(STATIC_PARENT_WEIGHT / (1 - STATIC_PARENT_WEIGHT)), device=q.device)
+
+    def mixing_weight(self, a: torch.Tensor) -> torch.Tensor:
+        return a
+
+
+class LearnedGate(Gate):
+    """Genetic gate on learned query/key projections, with lambda = sigmoid(theta) trainable."""
+
+    def __init__(self, dim: int, lam: float = 0.6):
+        super().__init__(lam)
+        self.query = nn.Linear(dim, dim, bias=False)
+        self.key = nn.Linear(dim, dim, bias=False)
+        nn.init.eye_(self.query.weight)
+        nn.init.eye_(self.key.weight)
+        lam = min(max(lam, 1e-4), 1 - 1e-4)
+        self.lam_logit = nn.Parameter(torch.tensor(math.log(lam / (1 - lam))))
+
+    def logits(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return (self.query(q) * self.key(p)).sum(-1) / math.sqrt(q.shape[-1])
+
+    def mixing_weight(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.lam_logit) * (1.0 - a)
+
+
+GATES: dict[str, type[Gate]] = {
+    "genetic": GeneticGate,
+    "agreement": AgreementGate,
+    "static": StaticGate,
+    "learned": LearnedGate,
+}
+
+
+def build_gate(name: str, dim: int, lam: float) -> Gate:
+    """The gate called `name` for features with `dim` channels."""
+    if name not in GATES:
+        raise ValueError(f"Unknown gate '{name}'. Choose one of: {', '.join(GATES)}.")
+    return LearnedGate(dim, lam) if name == "learned" else GATES[name](lam)

@@ -1,0 +1,205 @@
+"""`HKTTrainer`: transformers' Trainer with Hereditary Knowledge Transfer from a frozen parent.
+
+Swap `Trainer` for `HKTTrainer` and `TrainingArguments` for `HKTTrainingArguments`, name a parent, and the child
+trains with the HKT objective (see `objective.py`). Evaluation, prediction and `save_model` see the child alone.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any
+
+import torch
+import transformers
+from accelerate.utils import send_to_device
+from torch import nn
+from transformers import PreTrainedModel, Trainer
+
+from .adapter import HKTAdapter, get_adapter, inject_adapter, remove_adapter
+from .carriers import resolve_carriers
+from .config import HKTConfig
+from .objective import HKTObjective, StepResult, head_replay_possible, is_classifier, probe
+from .training_args import HKTTrainingArguments
+
+
+def auto_class_for(model: nn.Module) -> type:
+    """The Auto class matching `model`'s head, e.g. `AutoModelForImageClassification` for `*ForImageClassification`."""
+    match = re.search(r"(For[A-Za-z]+)$", type(model).__name__)
+    auto = getattr(transformers, f"AutoModel{match.group(1)}", None) if match else None
+    return auto or transformers.AutoModel
+
+
+def default_label_names(labels: dict) -> bool:
+    return all(str(name) == f"LABEL_{i}" for i, name in labels.items())
+
+
+def check_compatible(parent: nn.Module, child: nn.Module) -> None:
+    """Refuse a parent that cannot teach this child: the same object, or a different label set."""
+    if parent is child:
+        raise ValueError("The parent is the child object itself; load a separate (larger, pretrained) parent model.")
+    if is_classifier(parent) != is_classifier(child):
+        raise ValueError(
+            f"Parent ({type(parent).__name__}) and child ({type(child).__name__}) solve different tasks; HKT needs "
+            "both to be trained for the same task with the same labels."
+        )
+    pc, cc = getattr(parent, "config", None), getattr(child, "config", None)
+    if is_classifier(child) and pc is not None and cc is not None:
+        if pc.num_labels != cc.num_labels:
+            raise ValueError(
+                f"Parent has {pc.num_labels} labels, child has {cc.num_labels}; HKT needs the same label set. "
+                "Use a parent fine-tuned on the child's task."
+            )
+        if not (default_label_names(pc.id2label) or default_label_names(cc.id2label)):
+            p_names, c_names = [pc.id2label[i] for i in range(pc.num_labels)], [cc.id2label[i] for i in range(cc.num_labels)]
+            if p_names != c_names:
+                raise ValueError(f"Parent labels {p_names} differ from child labels {c_names}; align id2label first.")
+
+
+class HKTTrainer(Trainer):
+    """A drop-in `Trainer` whose training loss is the HKT objective.
+
+    Args:
+        parent_model: the parent, as a model or a path / Hub id; defaults to `args.hkt_parent`.
+        Everything else is passed to `transformers.Trainer` unchanged.
+
+    After `train()`, `trainer.hkt_adapter` holds the aligners and gates, detached from the child.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | None = None,
+        args: HKTTrainingArguments | None = None,
+        *trainer_args: Any,
+        parent_model: PreTrainedModel | nn.Module | str | None = None,
+        **trainer_kwargs: Any,
+    ):
+        if args is not None and not isinstance(args, HKTTrainingArguments):
+            raise TypeError(
+                f"HKTTrainer needs HKTTrainingArguments, got {type(args).__name__}: replace "
+                "`TrainingArguments(...)` with `HKTTrainingArguments(...)` (same fields, plus the hkt_* ones)."
+            )
+        if model is None:
+            raise ValueError("HKTTrainer needs the child `model`; `model_init` is not supported.")
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        # Every HKT term is a per-batch mean, so the Trainer must divide by the accumulation steps itself.
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self.parent_model = self._load_parent(parent_model)
+        check_compatible(self.parent_model, self.model)
+        self.carriers = resolve_carriers(self.args.hkt_carriers, self.parent_model, self.model)
+        parent_name = parent_model if isinstance(parent_model, str) else self.args.hkt_parent
+        if parent_name is None:
+            parent_name = getattr(getattr(self.parent_model, "config", None), "_name_or_path", None) or None
+        self.hkt_config: HKTConfig = self.args.to_hkt_config(
+            parent=parent_name, carriers=[str(c) for c in self.carriers], child_architecture=type(self.model).__name__
+        )
+        self.hkt_adapter: HKTAdapter | None = None
+        self._objective: HKTObjective | None = None
+        self._hkt_logs: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    # ---- parent -------------------------------------------------------------------------------------------
+
+    def _load_parent(self, parent: PreTrainedModel | nn.Module | str | None) -> nn.Module:
+        parent = parent if parent is not None else self.args.hkt_parent
+        if parent is None:
+            raise ValueError(
+                "No parent model: set HKTTrainingArguments(hkt_parent='path-or-hub-id') (CLI: --hkt_parent) or pass "
+                "HKTTrainer(parent_model=...)."
+            )
+        if isinstance(parent, str):
+            parent = auto_class_for(self.model).from_pretrained(parent, revision=self.args.hkt_parent_revision)
+        dtype = next(self.model.parameters()).dtype
+        parent.requires_grad_(False)
+        parent.to(device=self.args.device, dtype=dtype)
+        parent.eval()
+        if self.args.hkt_parent_mode == "train-bn":
+            for module in parent.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.train()
+        return parent
+
+    # ---- adapter ------------------------------------------------------------------------------------------
+
+    def _ensure_adapter(self, child: nn.Module, inputs: dict[str, Any]) -> HKTAdapter:
+        """Build the aligners and gates from the carrier shapes seen on `inputs`, once, and attach them."""
+        adapter = get_adapter(child)
+        if adapter is not None and self._objective is not None:
+            return adapter
+        replay = head_replay_possible(self.carriers, self.parent_model, child)
+        parent_shapes, child_shapes, replay = probe(self.parent_model, child, self.carriers, inputs, replay)
+        if adapter is None:
+            adapter = HKTAdapter(self.carriers, parent_shapes, child_shapes, self.args.hkt_gate, self.args.hkt_lambda)
+            adapter.to(device=self.args.device, dtype=next(child.parameters()).dtype)
+            inject_adapter(child, adapter)
+        self._objective = HKTObjective(self.parent_model, self.carriers, self.hkt_config, replay)
+        return adapter
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """`Trainer.train`, with the HKT adapter attached for the run and removed afterwards, whatever happens."""
+        with torch.random.fork_rng(devices=[self.args.device] if self.args.device.type == "cuda" else []):
+            batch = next(iter(self.get_train_dataloader()))
+        self._ensure_adapter(self.model, send_to_device(batch, self.args.device))
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self.hkt_adapter = remove_adapter(self.accelerator.unwrap_model(self.model))
+            self._objective = None
+
+    # ---- loss and logging ---------------------------------------------------------------------------------
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        """The HKT loss while training; the plain child loss in evaluation and prediction."""
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        child = self.accelerator.unwrap_model(model)
+        adapter = self._ensure_adapter(child, inputs)
+        result = self._objective(model, child, adapter, inputs, self._native_loss)
+        self._record(result)
+        return (result.loss, result.outputs) if return_outputs else result.loss
+
+    def _native_loss(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        # Trainer's own loss (label smoothing, compute_loss_func) for the native term; it may pop from the dict.
+        return super().compute_loss(model, dict(inputs), return_outputs=True)
+
+    def _record(self, result: StepResult) -> None:
+        for name, value in result.parts.items():
+            self._hkt_logs[f"hkt/loss_{name}"].append(value.detach())
+        for name, gate in result.gates.items():
+            self._hkt_logs[f"hkt/{name}/gate_mean"].append(gate.gate.detach().float().mean())
+            self._hkt_logs[f"hkt/{name}/mix_weight_mean"].append(gate.weight.detach().float().mean())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the HKT loss parts and gate statistics, averaged over the steps since the last training log."""
+        if "loss" in logs and self._hkt_logs:
+            for key, values in self._hkt_logs.items():
+                mean = torch.stack(values).mean()
+                if self.accelerator.num_processes > 1:
+                    mean = self.accelerator.reduce(mean, reduction="mean")
+                logs[key] = mean.item()
+            self._hkt_logs.clear()
+        super().log(logs, start_time)
+
+    # ---- saving -------------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints keep the adapter (exact resume); a user's `save_model` writes the plain child."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if _internal_call:
+            super().save_model(output_dir, _internal_call=True)
+        else:
+            child = self.accelerator.unwrap_model(self.model)
+            adapter = remove_adapter(child)
+            try:
+                super().save_model(output_dir, _internal_call=False)
+            finally:
+                if adapter is not None:
+                    inject_adapter(child, adapter)
+        if self.args.should_save:
+            self.hkt_config.to_json_file(output_dir)
