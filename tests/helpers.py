@@ -1,0 +1,164 @@
+"""Builders shared by the HKT trainer tests: tiny transformers models from configs, small synthetic datasets, an
+offline word-level tokenizer, training arguments for fast CPU runs, and hook / adapter inspection.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    ConvNextConfig,
+    ConvNextForImageClassification,
+    MobileNetV2Config,
+    MobileNetV2ForImageClassification,
+    PreTrainedTokenizerFast,
+    ResNetConfig,
+    ResNetForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+from hkt_hf import HKTTrainingArguments
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CIFAR_DIR = SHARED / "data" / "cifar10"
+CIFAR_MODELS = SHARED / "models" / "cifar-resnet"
+NUM_LABELS = 3
+IMAGE_SIZE = 16
+
+
+def tiny_vit(hidden: int, layers: int = 1, num_labels: int = NUM_LABELS, seed: int = 0) -> ViTForImageClassification:
+    """A ViT on 16x16 images with 4x4 patches and no dropout (so training steps are deterministic)."""
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=IMAGE_SIZE, patch_size=4, num_channels=3, hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=2, intermediate_size=2 * hidden, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, num_labels=num_labels,
+    )
+    return ViTForImageClassification(config)
+
+
+def tiny_resnet(width: int, num_labels: int = NUM_LABELS, seed: int = 0) -> ResNetForImageClassification:
+    """A transformers ResNet with two basic-block stages; its head input is a pooled [C, 1, 1] map."""
+    torch.manual_seed(seed)
+    config = ResNetConfig(
+        num_channels=3, embedding_size=width, hidden_sizes=[width, 2 * width], depths=[1, 1], layer_type="basic",
+        num_labels=num_labels,
+    )
+    return ResNetForImageClassification(config)
+
+
+def tiny_convnext(width: int, num_labels: int = NUM_LABELS, seed: int = 0) -> ConvNextForImageClassification:
+    torch.manual_seed(seed)
+    config = ConvNextConfig(
+        num_channels=3, patch_size=2, hidden_sizes=[width, 2 * width], depths=[1, 1], num_stages=2,
+        num_labels=num_labels,
+    )
+    return ConvNextForImageClassification(config)
+
+
+def tiny_mobilenet_v2(depth_multiplier: float, num_labels: int = NUM_LABELS, seed: int = 0) -> MobileNetV2ForImageClassification:
+    torch.manual_seed(seed)
+    config = MobileNetV2Config(
+        num_channels=3, image_size=IMAGE_SIZE, depth_multiplier=depth_multiplier, min_depth=4, finegrained_output=False,
+        classifier_dropout_prob=0.0, num_labels=num_labels,
+    )
+    return MobileNetV2ForImageClassification(config)
+
+
+def tiny_bert(hidden: int, vocab_size: int, layers: int = 1, num_labels: int = 2, seed: int = 0,
+              dropout: float = 0.0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=32, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout, num_labels=num_labels,
+    )
+    return BertForSequenceClassification(config)
+
+
+def image_dataset(n: int, num_labels: int = NUM_LABELS, seed: int = 0, size: int = IMAGE_SIZE) -> Dataset:
+    """`pixel_values` whose mean brightness encodes the label (a learnable task), plus `labels`."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % num_labels
+    pixels = rng.normal(size=(n, 3, size, size)).astype(np.float32) * 0.5 + labels[:, None, None, None]
+    return Dataset.from_dict({"pixel_values": list(pixels), "labels": labels.tolist()}).with_format("torch")
+
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "nice"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "terrible", "sad"]
+NEUTRAL = ["the", "movie", "was", "a", "plot", "film", "very", "quite", "and", "story"]
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over the synthetic sentiment vocabulary, built offline."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from tokenizers.processors import TemplateProcessing
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {w: i for i, w in enumerate(specials + POSITIVE + NEGATIVE + NEUTRAL)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    tok.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+
+
+def sentiment_dataset(n: int, seed: int = 0) -> Dataset:
+    """Sentences of neutral words with one or two sentiment words; label 1 = positive."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for i in range(n):
+        label = i % 2
+        words = list(rng.choice(NEUTRAL, size=rng.integers(3, 7)))
+        for _ in range(rng.integers(1, 3)):
+            words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(POSITIVE if label else NEGATIVE)))
+        texts.append(" ".join(words))
+        labels.append(label)
+    return Dataset.from_dict({"text": texts, "label": labels})
+
+
+def training_args(output_dir: Path | str, **overrides: Any) -> HKTTrainingArguments:
+    """Arguments for short deterministic CPU runs without reporting, progress bars or checkpoints by default."""
+    values: dict[str, Any] = dict(
+        output_dir=str(output_dir), use_cpu=True, report_to="none", disable_tqdm=True, seed=0,
+        dataloader_num_workers=0, save_strategy="no", per_device_train_batch_size=8, per_device_eval_batch_size=16,
+        num_train_epochs=1, learning_rate=1e-2, logging_steps=1,
+    )
+    values.update(overrides)
+    return HKTTrainingArguments(**values)
+
+
+def hooked_modules(model: nn.Module) -> list[str]:
+    """Names of the modules that carry any forward hook or forward pre-hook."""
+    return [
+        name or "<root>"
+        for name, m in model.named_modules()
+        if m._forward_hooks or m._forward_pre_hooks
+    ]
+
+
+class ForwardCounter:
+    """Counts forward calls of a module through a hook that the test removes itself with `remove()`."""
+
+    def __init__(self, module: nn.Module):
+        self.calls = 0
+        self._handle = module.register_forward_hook(self._count)
+
+    def _count(self, *_: Any) -> None:
+        self.calls += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
