@@ -12,6 +12,7 @@ from .mixture import GATES
 HKT_CONFIG_NAME = "hkt_config.json"
 FORMAT_VERSION = 1
 PARENT_MODES = ("eval", "train-bn")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -27,6 +28,7 @@ class HKTConfig:
     parent_mode: str = "eval"
     kd_weight: float = 0.0
     kd_temperature: float = 4.0
+    on_nonfinite: str = "stop"
     child_architecture: str | None = None
     format_version: int = FORMAT_VERSION
 
@@ -46,6 +48,8 @@ class HKTConfig:
             raise ValueError(f"hkt_kd_weight must be >= 0, got {self.kd_weight}.")
         if self.kd_temperature <= 0:
             raise ValueError(f"hkt_kd_temperature must be > 0, got {self.kd_temperature}.")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"hkt_on_nonfinite must be one of {NONFINITE_POLICIES}, got '{self.on_nonfinite}'.")
         if not self.carriers:
             raise ValueError("hkt_carriers is empty: give at least one carrier, or ['auto'] for the head inputs.")
 

@@ -101,6 +101,21 @@ def probe(
     return shapes[0], shapes[1], replay_ok
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A loss part or carrier feature became NaN or inf; the message names which."""
+
+
+def describe_nonfinite(parts: dict[str, torch.Tensor], q: dict[int, torch.Tensor],
+                       gates: dict[int, GateOutput], carriers: list[CarrierPair]) -> str:
+    bad = [f"loss part '{name}'" for name, value in parts.items() if not torch.isfinite(value).all()]
+    for i, carrier in enumerate(carriers):
+        if not torch.isfinite(q[i]).all():
+            bad.append(f"child feature of carrier '{carrier}'")
+        if i in gates and not torch.isfinite(gates[i].mixed).all():
+            bad.append(f"mixed feature of carrier '{carrier}'")
+    return "non-finite values (NaN or inf) in " + ", ".join(bad)
+
+
 class HKTObjective:
     """Computes one training step's HKT loss; holds the frozen parent and the run's settings."""
 
@@ -130,6 +145,8 @@ class HKTObjective:
                     parent_logits = self.parent(**model_inputs(inputs)).logits
             parts["kd"] = kd_loss(outputs.logits, parent_logits, self.config.kd_temperature)
             loss = loss + self.config.kd_weight * parts["kd"]
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(describe_nonfinite(parts, q, gates, self.carriers))
         return StepResult(loss, outputs, parts, {str(c): gates[i] for i, c in enumerate(self.carriers)})
 
     def _replay_heads(self, child, adapter, inputs, q):

@@ -12,15 +12,19 @@ from typing import Any
 
 import torch
 import transformers
+from transformers.utils import logging
 from accelerate.utils import send_to_device
 from torch import nn
 from transformers import PreTrainedModel, Trainer
 
 from .adapter import HKTAdapter, get_adapter, inject_adapter, remove_adapter
 from .carriers import resolve_carriers
+from .checkpointing import CheckpointCommitCallback, resolve_resume_checkpoint
 from .config import HKTConfig
-from .objective import HKTObjective, StepResult, head_replay_possible, is_classifier, probe
+from .objective import HKTObjective, NonFiniteLossError, StepResult, head_replay_possible, is_classifier, probe
 from .training_args import HKTTrainingArguments
+
+logger = logging.get_logger(__name__)
 
 
 def auto_class_for(model: nn.Module) -> type:
@@ -94,7 +98,11 @@ class HKTTrainer(Trainer):
         self.hkt_config: HKTConfig = self.args.to_hkt_config(
             parent=parent_name, carriers=[str(c) for c in self.carriers], child_architecture=type(self.model).__name__
         )
+        if self.hkt_config.on_nonfinite == "skip" and self.args.world_size > 1:
+            raise ValueError("hkt_on_nonfinite='skip' works in a single process only; use 'stop' with several.")
+        self.add_callback(CheckpointCommitCallback())
         self.hkt_adapter: HKTAdapter | None = None
+        self.hkt_skipped_batches = 0
         self._objective: HKTObjective | None = None
         self._hkt_logs: dict[str, list[torch.Tensor]] = defaultdict(list)
 
@@ -136,7 +144,13 @@ class HKTTrainer(Trainer):
         return adapter
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        """`Trainer.train`, with the HKT adapter attached for the run and removed afterwards, whatever happens."""
+        """`Trainer.train`, with the HKT adapter attached for the run and removed afterwards, whatever happens.
+
+        `resume_from_checkpoint` only accepts checkpoints whose save completed (see `checkpointing.py`).
+        """
+        if self.train_dataset is not None and hasattr(self.train_dataset, "__len__") and len(self.train_dataset) == 0:
+            raise ValueError("The training dataset is empty; HKT needs labelled training examples.")
+        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         with torch.random.fork_rng(devices=[self.args.device] if self.args.device.type == "cuda" else []):
             batch = next(iter(self.get_train_dataloader()))
         self._ensure_adapter(self.model, send_to_device(batch, self.args.device))
@@ -160,7 +174,19 @@ class HKTTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         child = self.accelerator.unwrap_model(model)
         adapter = self._ensure_adapter(child, inputs)
-        result = self._objective(model, child, adapter, inputs, self._native_loss)
+        try:
+            result = self._objective(model, child, adapter, inputs, self._native_loss)
+        except NonFiniteLossError as err:
+            message = f"Step {self.state.global_step + 1}: {err}"
+            if self.hkt_config.on_nonfinite == "stop":
+                raise NonFiniteLossError(
+                    f"{message}. Training stopped; saved checkpoints are intact. Resume from the last one with a "
+                    "lower learning rate, or set hkt_on_nonfinite='skip' to drop such batches."
+                ) from None
+            logger.warning(f"{message}; batch skipped (hkt_on_nonfinite='skip').")
+            self.hkt_skipped_batches += 1
+            zero = torch.zeros((), device=self.args.device, requires_grad=True)
+            return (zero, None) if return_outputs else zero
         self._record(result)
         return (result.loss, result.outputs) if return_outputs else result.loss
 
@@ -184,6 +210,8 @@ class HKTTrainer(Trainer):
                     mean = self.accelerator.reduce(mean, reduction="mean")
                 logs[key] = mean.item()
             self._hkt_logs.clear()
+            if self.hkt_skipped_batches:
+                logs["hkt/skipped_batches"] = self.hkt_skipped_batches
         super().log(logs, start_time)
 
     # ---- saving -------------------------------------------------------------------------------------------

@@ -45,6 +45,13 @@ class HKTTrainingArguments(TrainingArguments):
     )
     hkt_kd_weight: float = field(default=0.0, metadata={"help": "Weight of an optional classic KD term (0 = off)."})
     hkt_kd_temperature: float = field(default=4.0, metadata={"help": "Temperature of the KD term."})
+    hkt_on_nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "What to do when a loss part or carrier feature is NaN/inf: 'stop' raises (naming the step and "
+            "carrier; saved checkpoints stay intact) or 'skip' drops the batch (single process only)."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,6 +69,7 @@ class HKTTrainingArguments(TrainingArguments):
             parent_mode=self.hkt_parent_mode,
             kd_weight=self.hkt_kd_weight,
             kd_temperature=self.hkt_kd_temperature,
+            on_nonfinite=self.hkt_on_nonfinite,
         )
         values.update(overrides)
         return HKTConfig(**values)
