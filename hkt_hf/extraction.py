@@ -121,11 +121,13 @@ class FeatureExtractor:
     def __enter__(self) -> "FeatureExtractor":
         self._grad_mode = torch.is_grad_enabled()
         self.features = {}
+        # prepend: run before hooks the model keeps (e.g. transformers' OutputRecorder, which feeds SegFormer's
+        # decoder its stage outputs), so that they see the replaced feature.
         for i, (spec, module) in enumerate(zip(self.specs, self.modules)):
             if spec.where == "input":
-                self._handles.append(module.register_forward_pre_hook(self._hook(i, "input")))
+                self._handles.append(module.register_forward_pre_hook(self._hook(i, "input"), prepend=True))
             else:
-                self._handles.append(module.register_forward_hook(self._hook(i, "output")))
+                self._handles.append(module.register_forward_hook(self._hook(i, "output"), prepend=True))
         return self
 
     def __exit__(self, *exc: object) -> None:

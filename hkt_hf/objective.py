@@ -49,7 +49,12 @@ def classification_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Te
 
 
 def kd_loss(child_logits: torch.Tensor, parent_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton's distillation term: T^2 * KL(softmax(parent / T) || softmax(child / T)), in fp32."""
+    """Hinton's distillation term: T^2 * KL(softmax(parent / T) || softmax(child / T)), in fp32.
+
+    Dense logits [B, C, H, W] (class dimension 1, e.g. semantic segmentation) are distilled per pixel.
+    """
+    if child_logits.ndim == 4:
+        child_logits, parent_logits = child_logits.movedim(1, -1), parent_logits.movedim(1, -1)
     c = child_logits.float().flatten(0, -2) / temperature
     p = parent_logits.float().flatten(0, -2) / temperature
     return F.kl_div(F.log_softmax(c, -1), F.log_softmax(p, -1), reduction="batchmean", log_target=True) * temperature**2
