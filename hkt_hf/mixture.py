@@ -54,10 +54,11 @@ class Gate(nn.Module):
     def forward(self, q: torch.Tensor, p: torch.Tensor) -> GateOutput:
         if q.shape != p.shape:
             raise ValueError(f"Gate inputs differ in shape: child {tuple(q.shape)}, parent {tuple(p.shape)}.")
-        ql, pl = _channels_last(q.float()), _channels_last(p.float())
-        a = torch.sigmoid(self.logits(ql, pl))
-        w = self.mixing_weight(a)
-        mixed = ql + w.unsqueeze(-1) * (pl - ql)
+        with torch.autocast(q.device.type, enabled=False):  # gates stay in fp32 under mixed precision
+            ql, pl = _channels_last(q.float()), _channels_last(p.float())
+            a = torch.sigmoid(self.logits(ql, pl))
+            w = self.mixing_weight(a)
+            mixed = ql + w.unsqueeze(-1) * (pl - ql)
         return GateOutput(_channels_first(mixed, q.ndim), a, w)
 
 

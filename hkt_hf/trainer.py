@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -58,6 +60,29 @@ def check_compatible(parent: nn.Module, child: nn.Module) -> None:
             p_names, c_names = [pc.id2label[i] for i in range(pc.num_labels)], [cc.id2label[i] for i in range(cc.num_labels)]
             if p_names != c_names:
                 raise ValueError(f"Parent labels {p_names} differ from child labels {c_names}; align id2label first.")
+
+
+@contextmanager
+def forward_replaced(module: nn.Module, fn: Callable[[], Any]) -> Iterator[None]:
+    """While active, a call of `module` runs `fn()` in place of its forward (calls of `module` inside `fn` run its
+    real forward), so a wrapper such as DDP sees all that `fn` computes as its forward pass."""
+    own = module.__dict__.get("forward")  # an instance-level forward, e.g. Accelerate's autocast wrapper
+
+    def restore() -> None:
+        if own is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = own
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        restore()
+        return fn()
+
+    module.forward = run
+    try:
+        yield
+    finally:
+        restore()
 
 
 class HKTTrainer(Trainer):
@@ -175,7 +200,7 @@ class HKTTrainer(Trainer):
         child = self.accelerator.unwrap_model(model)
         adapter = self._ensure_adapter(child, inputs)
         try:
-            result = self._objective(model, child, adapter, inputs, self._native_loss)
+            result = self._run_objective(model, child, adapter, inputs)
         except NonFiniteLossError as err:
             message = f"Step {self.state.global_step + 1}: {err}"
             if self.hkt_config.on_nonfinite == "stop":
@@ -189,6 +214,24 @@ class HKTTrainer(Trainer):
             return (zero, None) if return_outputs else zero
         self._record(result)
         return (result.loss, result.outputs) if return_outputs else result.loss
+
+    def _run_objective(
+        self, model: nn.Module, child: nn.Module, adapter: HKTAdapter, inputs: dict[str, Any]
+    ) -> StepResult:
+        """The objective under the run's autocast, inside the forward of any wrapper (DDP, DeepSpeed) around the child.
+
+        A wrapper only synchronises parameters used inside its forward; running the whole objective there makes
+        aligners, learned gates and replayed heads part of it: reduced once, never reported unused.
+        """
+
+        def step() -> StepResult:
+            with self.accelerator.autocast():
+                return self._objective(child, child, adapter, inputs, self._native_loss)
+
+        if model is child:
+            return step()
+        with forward_replaced(child, step):
+            return model(**inputs)
 
     def _native_loss(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         # Trainer's own loss (label smoothing, compute_loss_func) for the native term; it may pop from the dict.
