@@ -274,3 +274,25 @@ class HKTTrainer(Trainer):
                     inject_adapter(child, adapter)
         if self.args.should_save:
             self.hkt_config.to_json_file(output_dir)
+
+    # ---- Hub ----------------------------------------------------------------------------------------------
+
+    def create_model_card(self, model_name: str | None = None, **card_info: Any):
+        """Write the HKT model card to `output_dir/README.md`; `card_info` as `hkt_hf.hub.render_model_card`
+        (e.g. `dataset=`, `parent_metrics=`, `license=`). Child metrics come from the latest evaluation."""
+        from . import hub
+
+        if not self.is_world_process_zero():
+            return None
+        card = hub.render_model_card(
+            self.hkt_config, model_name or hub.trainer_model_name(self), **hub.trainer_card_info(self, **card_info)
+        )
+        card.save(f"{self.args.output_dir}/README.md")
+        return card
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs: Any):
+        """Push the plain child, its processor, `hkt_config.json` and the HKT model card; never aligners or gates.
+        Takes `Trainer.push_to_hub`'s `token`, `revision`, `private`, plus `create_model_card`'s `card_info`."""
+        from . import hub
+
+        return hub.push_trainer(self, commit_message or "End of training", blocking, **kwargs)
