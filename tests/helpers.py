@@ -34,11 +34,12 @@ NUM_LABELS = 3
 IMAGE_SIZE = 16
 
 
-def tiny_vit(hidden: int, layers: int = 1, num_labels: int = NUM_LABELS, seed: int = 0) -> ViTForImageClassification:
-    """A ViT on 16x16 images with 4x4 patches and no dropout (so training steps are deterministic)."""
+def tiny_vit(hidden: int, layers: int = 1, num_labels: int = NUM_LABELS, seed: int = 0,
+             image_size: int = IMAGE_SIZE) -> ViTForImageClassification:
+    """A ViT on 4x4 patches (16 tokens) without dropout, so training steps are deterministic."""
     torch.manual_seed(seed)
     config = ViTConfig(
-        image_size=IMAGE_SIZE, patch_size=4, num_channels=3, hidden_size=hidden, num_hidden_layers=layers,
+        image_size=image_size, patch_size=image_size // 4, num_channels=3, hidden_size=hidden, num_hidden_layers=layers,
         num_attention_heads=2, intermediate_size=2 * hidden, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0, num_labels=num_labels,
     )
@@ -90,6 +91,24 @@ def image_dataset(n: int, num_labels: int = NUM_LABELS, seed: int = 0, size: int
     labels = np.arange(n) % num_labels
     pixels = rng.normal(size=(n, 3, size, size)).astype(np.float32) * 0.5 + labels[:, None, None, None]
     return Dataset.from_dict({"pixel_values": list(pixels), "labels": labels.tolist()}).with_format("torch")
+
+
+def color_image_dataset(n: int, num_labels: int = NUM_LABELS, seed: int = 0, size: int = IMAGE_SIZE) -> Dataset:
+    """PIL images in the Hub's `img` / `label` layout whose dominant colour channel is the label (learnable)."""
+    from datasets import ClassLabel, Features
+    from datasets import Image as ImageFeature
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for i in range(n):
+        label = i % num_labels
+        pixels = rng.integers(0, 96, size=(size, size, 3))
+        pixels[..., label % 3] += 128 + 32 * (label // 3)
+        images.append(Image.fromarray(pixels.clip(0, 255).astype(np.uint8)))
+        labels.append(label)
+    features = Features(img=ImageFeature(), label=ClassLabel(names=[f"class_{i}" for i in range(num_labels)]))
+    return Dataset.from_dict({"img": images, "label": labels}, features=features)
 
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "nice"]
