@@ -76,7 +76,7 @@ def latest_eval_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return {}
 
 
-def training_recipe(trainer: HKTTrainer) -> dict[str, Any]:
+def trainer_recipe(trainer: HKTTrainer) -> dict[str, Any]:
     """The optimisation settings of a finished run, as written in the card."""
     args, state = trainer.args, trainer.state
     return {
@@ -139,10 +139,12 @@ def render_model_card(
     child, parent = _metrics(child_metrics), _metrics(parent_metrics)
     suffix = _architecture_suffix(hkt_config.child_architecture)
     task = task or TASKS.get(suffix or "")
-    eval_results = [
-        EvalResult(task_type=task, dataset_type=dataset, dataset_name=dataset, metric_type=name, metric_value=value)
-        for name, value in child.items()
-    ] if task and dataset else None
+    eval_results = None  # the Hub's model-index needs a task and a dataset for each result
+    if task and dataset and child:
+        eval_results = [
+            EvalResult(task_type=task, dataset_type=dataset, dataset_name=dataset, metric_type=name, metric_value=value)
+            for name, value in child.items()
+        ]
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag=task,
@@ -225,7 +227,7 @@ def trainer_card_info(trainer: HKTTrainer, **card_info: Any) -> dict[str, Any]:
     """Card inputs known to a trainer (latest eval metrics, recipe), overridden by the caller's `card_info`."""
     return {
         "child_metrics": latest_eval_metrics(trainer.state.log_history),
-        "training_recipe": training_recipe(trainer),
+        "training_recipe": trainer_recipe(trainer),
         **card_info,
     }
 
@@ -244,10 +246,15 @@ def push_trainer(
     private: bool | None = None,
     **card_info: Any,
 ):
-    """`HKTTrainer.push_to_hub`: save the plain child (every process, as `Trainer`), then push it from process zero."""
+    """`HKTTrainer.push_to_hub`: save the child (every process, as `Trainer`), then push it from process zero.
+
+    Saved as `Trainer.push_to_hub` does (`_internal_call=True`: a user call would push again when
+    `args.push_to_hub` is set). After `train()` the adapter is detached, so this writes the plain child;
+    `check_child_folder` refuses the push otherwise.
+    """
     args = trainer.args
     trainer.callback_handler.on_push_begin(args, trainer.state, trainer.control)
-    trainer.save_model()
+    trainer.save_model(_internal_call=True)
     if not trainer.is_world_process_zero():
         return None
     trainer._finish_current_push()

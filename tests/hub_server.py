@@ -89,10 +89,9 @@ class FakeHub:
         if repo_id not in self.repos:
             return 404, {"error": f"Repository {repo_id} not found"}
         if match["call"] == "preupload":
-            files = json.loads(body)["files"]
-            return 200, {
-                "files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files]
-            }
+            paths = [f["path"] for f in json.loads(body)["files"]]
+            regular = {"uploadMode": "regular", "shouldIgnore": False, "oid": None}
+            return 200, {"files": [{"path": path, **regular} for path in paths]}
         return self._commit(repo_id, body)
 
     def _validate_yaml(self, content: str) -> tuple[int, dict[str, Any]]:

@@ -30,6 +30,7 @@ from hub_server import FakeHub
 TESTS = Path(__file__).resolve().parent
 CHILD_REPO = "org/hkt-child"
 FOLDER_REPO = "org/saved-child"
+SAVE_REPO = "org/pushed-on-save"
 PARENT = "org/parent-resnet14"
 PARENT_REVISION = "0123abcd"
 DATASET = "local/bright-squares"
@@ -37,7 +38,7 @@ EXPECTED_FILES = {"model.safetensors", "config.json", "preprocessor_config.json"
 
 # Trains a tiny CIFAR ResNet child for 2 steps with a wider parent (so a trainable aligner exists, and the checkpoint
 # written to the output folder holds it),
-# evaluates it, pushes it with `trainer.push_to_hub`, and pushes a saved copy with `push_child`.
+# evaluates it, pushes it with `trainer.push_to_hub`, a saved copy with `push_child`, and once more via `save_model`.
 PUSH_SCRIPT = """
 import json, sys
 from pathlib import Path
@@ -72,6 +73,9 @@ trainer.args.hub_model_id = sys.argv[5]
 trainer.push_to_hub(token="hf_test", dataset=sys.argv[7], parent_metrics={"eval_accuracy": 0.75})
 trainer.save_model(work / "saved")
 push_child(work / "saved", sys.argv[6], token="hf_test")
+# With args.push_to_hub, a user's save_model pushes too (Trainer's behaviour), once.
+trainer.args.push_to_hub, trainer.args.hub_model_id, trainer.args.hub_token = True, sys.argv[8], "hf_test"
+trainer.save_model()
 
 pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
@@ -115,7 +119,8 @@ def pushed(tmp_path_factory):
     work = tmp_path_factory.mktemp("hub-push")
     with FakeHub() as hub:
         env = hub_env(work / "hf-home", HF_ENDPOINT=hub.endpoint)
-        run_script(PUSH_SCRIPT, [str(TESTS), str(work), PARENT, PARENT_REVISION, CHILD_REPO, FOLDER_REPO, DATASET], env)
+        script_args = [str(TESTS), str(work), PARENT, PARENT_REVISION, CHILD_REPO, FOLDER_REPO, DATASET, SAVE_REPO]
+        run_script(PUSH_SCRIPT, script_args, env)
     return hub, work
 
 
@@ -125,9 +130,10 @@ def pushed(tmp_path_factory):
 def test_push_delivers_exactly_the_plain_child(pushed):
     hub, work = pushed
     assert hub.unexpected == []
-    assert set(hub.repos) == {CHILD_REPO, FOLDER_REPO}
-    for repo in (CHILD_REPO, FOLDER_REPO):
+    assert set(hub.repos) == {CHILD_REPO, FOLDER_REPO, SAVE_REPO}
+    for repo in hub.repos:
         assert set(hub.repos[repo]) == EXPECTED_FILES
+    assert sorted(c["repo_id"] for c in hub.commits) == sorted(hub.repos)  # one commit each
     # The output folder also held a checkpoint with the aligners and the training state: none of it left.
     run = work / "run"
     checkpoint_weights = load_safetensors((run / "checkpoint-2" / "model.safetensors").read_bytes())
@@ -226,6 +232,7 @@ def test_card_of_a_local_parent_has_no_base_model(tmp_path):
     meta = card.data.to_dict()
     assert "base_model" not in meta and "base_model_relation" not in meta
     assert "model-index" not in meta  # results need a dataset to be indexed
+    assert "model-index" not in render_model_card(cfg, "user/child", dataset="user/data").data.to_dict()
     assert meta["pipeline_tag"] == "text-classification"
     assert "| accuracy | 0.8000 | - |" in card.text
     assert "AutoModelForSequenceClassification" in card.text
