@@ -51,10 +51,33 @@ def random_crop_flip(image: np.ndarray, padding: int = 4, generator: torch.Gener
     return out[:, ::-1] if flip % 2 else out
 
 
+def array_to_image(array: np.ndarray) -> Image.Image:
+    """A PIL image from an HxW or HxWxC (C in 1, 3, 4; CxHxW is transposed) array of 8-bit or 16-bit integers."""
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = array.transpose(1, 2, 0)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    shape_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))
+    if not shape_ok or array.dtype.kind not in "iu" or array.size == 0 or array.min() < 0 or array.max() > 65535:
+        raise ValueError(
+            f"Cannot read an image from an array of shape {array.shape} and dtype {array.dtype}: expected HxW or "
+            "HxWxC (C = 1, 3 or 4) integers in 0..255 (or 0..65535 for 16-bit). Scale float images to uint8 "
+            "(e.g. (x * 255).round().astype('uint8')), or store PIL images (datasets.Image feature)."
+        )
+    if array.max() > 255 or array.dtype == np.uint16:  # 16-bit: keep the full range in 8 bits
+        return Image.fromarray(np.round(array / 257.0).astype(np.uint8))
+    return Image.fromarray(array.astype(np.uint8))
+
+
 def to_rgb_array(image: Image.Image | np.ndarray, num_channels: int = 3) -> np.ndarray:
-    """Decode to an HxWxC uint8 array, converting grey or RGBA images to the channel count the model expects."""
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
+    """Decode to an HxWxC uint8 array, converting grey, RGBA, palette or 16-bit images to the channel count the
+    model expects."""
+    if not isinstance(image, Image.Image):  # an array, or the nested lists `datasets` gives for array columns
+        image = array_to_image(np.asarray(image))
+    elif image.mode.startswith("I;16") or image.mode in ("I", "F"):  # PIL's convert() would clip at 255
+        image = array_to_image(np.asarray(image))
     mode = {1: "L", 3: "RGB"}.get(num_channels)
     if mode is None:
         raise ValueError(f"Only 1- or 3-channel models are supported for PIL images, got num_channels={num_channels}.")
@@ -93,6 +116,13 @@ def prepare_image_dataset(
 
     Use with `remove_unused_columns=False` in the training arguments: the transform needs the raw image column.
     """
+    mean = getattr(processor, "image_mean", None)
+    if getattr(processor, "do_normalize", False) and isinstance(mean, (list, tuple)) and len(mean) != num_channels:
+        raise ValueError(
+            f"The image processor normalises {len(mean)} channels (image_mean={list(mean)}) but num_channels="
+            f"{num_channels}: pass num_channels={len(mean)}, or a processor whose image_mean and image_std have "
+            f"{num_channels} value(s)."
+        )
     columns = next(iter(dataset.values())).column_names
     image_column = find_column(columns, IMAGE_COLUMNS, "image")
     label_column = find_column(columns, LABEL_COLUMNS, "label")

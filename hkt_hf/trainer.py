@@ -6,6 +6,7 @@ trains with the HKT objective (see `objective.py`). Evaluation, prediction and `
 
 from __future__ import annotations
 
+import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -18,10 +19,11 @@ from transformers.utils import logging
 from accelerate.utils import send_to_device
 from torch import nn
 from transformers import PreTrainedModel, Trainer
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .adapter import HKTAdapter, get_adapter, inject_adapter, remove_adapter
 from .carriers import resolve_carriers
-from .checkpointing import CheckpointCommitCallback, resolve_resume_checkpoint
+from .checkpointing import CheckpointCommitCallback, load_runtime_state_dict, resolve_resume_checkpoint
 from .config import HKTConfig
 from .objective import HKTObjective, NonFiniteLossError, StepResult, head_replay_possible, is_classifier, probe
 from .training_args import HKTTrainingArguments
@@ -253,11 +255,19 @@ class HKTTrainer(Trainer):
                     mean = self.accelerator.reduce(mean, reduction="mean")
                 logs[key] = mean.item()
             self._hkt_logs.clear()
-            if self.hkt_skipped_batches:
-                logs["hkt/skipped_batches"] = self.hkt_skipped_batches
+        if "loss" in logs and self.hkt_skipped_batches:  # also when every step since the last log was skipped
+            logs["hkt/skipped_batches"] = self.hkt_skipped_batches
         super().log(logs, start_time)
 
     # ---- saving -------------------------------------------------------------------------------------------
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Trainer's resume loader, reading back the key names `save_pretrained` wrote (see `load_runtime_state_dict`)."""
+        child = self.accelerator.unwrap_model(model if model is not None else self.model)
+        weights = os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME)
+        if self.is_fsdp_enabled or not isinstance(child, PreTrainedModel) or not os.path.isfile(weights):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._issue_warnings_after_load(child.load_state_dict(load_runtime_state_dict(child, weights), strict=False))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints keep the adapter (exact resume); a user's `save_model` writes the plain child."""
