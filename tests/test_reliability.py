@@ -163,6 +163,7 @@ def uniform_images() -> list[tuple[str, Image.Image, tuple[int, int, int]]]:
         ("rgba", Image.fromarray(np.dstack([full((32, 32, 3), [10, 120, 230]), full((32, 32), 7)]), "RGBA"),
          (10, 120, 230)),
         ("palette", palette_image((200, 50, 0)), (200, 50, 0)),
+        ("1-bit", Image.new("1", (32, 32), 1), (255, 255, 255)),
         ("odd size 45x20", Image.fromarray(full((20, 45, 3), [30, 60, 90]), "RGB"), (30, 60, 90)),
         ("large 300x200", Image.fromarray(full((200, 300, 3), [90, 60, 30]), "RGB"), (90, 60, 30)),
         ("16-bit grey", Image.fromarray(full((32, 32), 257 * 180, np.uint16)), (180, 180, 180)),
