@@ -46,9 +46,10 @@ def random_crop_flip(image: np.ndarray, padding: int = 4, generator: torch.Gener
     """CIFAR augmentation on an HxWxC uint8 array: zero-pad, random crop back to size, horizontal flip with p=0.5."""
     h, w = image.shape[:2]
     padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
-    top, left, flip = torch.randint(0, 2 * padding + 1, (3,), generator=generator).tolist()
+    top, left = torch.randint(0, 2 * padding + 1, (2,), generator=generator).tolist()
+    flip = torch.rand((), generator=generator).item() < 0.5
     out = padded[top : top + h, left : left + w]
-    return out[:, ::-1] if flip % 2 else out
+    return out[:, ::-1] if flip else out
 
 
 def array_to_image(array: np.ndarray) -> Image.Image:
@@ -109,7 +110,7 @@ def image_transform(
 def prepare_image_dataset(
     dataset: DatasetDict,
     processor: BaseImageProcessor,
-    train_split: str = "train",
+    train_split: str | None = "train",
     num_channels: int = 3,
 ) -> DatasetDict:
     """Attach on-the-fly transforms: augmentation on `train_split`, plain preprocessing on every other split.
@@ -142,7 +143,7 @@ def image_collator() -> DefaultDataCollator:
 def strided_subset(ds, n: int | None):
     """`n` rows spread evenly over `ds` (shared CIFAR parquet rows are sorted by label: never take a head slice)."""
     if n is None or n >= len(ds):
-        return ds
+        return ds.select(range(len(ds)))
     if n <= 0:
         raise ValueError(f"Subset size must be positive, got {n}.")
     return ds.select(np.linspace(0, len(ds) - 1, n).round().astype(int).tolist())
