@@ -16,6 +16,7 @@ from transformers import (
     BertForSequenceClassification,
     ConvNextConfig,
     ConvNextForImageClassification,
+    EvalPrediction,
     MobileNetV2Config,
     MobileNetV2ForImageClassification,
     PreTrainedTokenizerFast,
@@ -65,7 +66,9 @@ def tiny_convnext(width: int, num_labels: int = NUM_LABELS, seed: int = 0) -> Co
     return ConvNextForImageClassification(config)
 
 
-def tiny_mobilenet_v2(depth_multiplier: float, num_labels: int = NUM_LABELS, seed: int = 0) -> MobileNetV2ForImageClassification:
+def tiny_mobilenet_v2(
+    depth_multiplier: float, num_labels: int = NUM_LABELS, seed: int = 0
+) -> MobileNetV2ForImageClassification:
     torch.manual_seed(seed)
     config = MobileNetV2Config(
         num_channels=3, image_size=IMAGE_SIZE, depth_multiplier=depth_multiplier, min_depth=4, finegrained_output=False,
@@ -158,6 +161,11 @@ def training_args(output_dir: Path | str, **overrides: Any) -> HKTTrainingArgume
     )
     values.update(overrides)
     return HKTTrainingArguments(**values)
+
+
+def accuracy(pred: EvalPrediction) -> dict[str, float]:
+    """`compute_metrics` for classification: top-1 accuracy."""
+    return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
 
 
 def hooked_modules(model: nn.Module) -> list[str]:

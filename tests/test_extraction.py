@@ -1,4 +1,4 @@
-"""FeatureExtractor and resolve_module: capture, replacement, truncated autograd, and hooks that never outlive a block."""
+"""FeatureExtractor and resolve_module: capture, replacement, truncated autograd, hooks that never outlive a block."""
 
 from __future__ import annotations
 

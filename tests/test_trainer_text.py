@@ -12,17 +12,12 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    EvalPrediction,
     HfArgumentParser,
 )
 
 import helpers as H
 from hkt_hf import HKTTrainer, HKTTrainingArguments
 from hkt_hf.config import HKT_CONFIG_NAME
-
-
-def accuracy(pred: EvalPrediction) -> dict[str, float]:
-    return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
 
 
 def test_typical_text_classification_script(tmp_path):
@@ -41,7 +36,7 @@ def test_typical_text_classification_script(tmp_path):
     parent = H.tiny_bert(48, vocab_size=len(tokenizer), layers=2, seed=1)
     trainer = HKTTrainer(
         model=child, args=args, train_dataset=dataset["train"], eval_dataset=dataset["test"],
-        processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy,
+        processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=H.accuracy,
         parent_model=parent,
     )
     counter = H.ForwardCounter(parent)
