@@ -3,6 +3,7 @@
 Importing the package registers the built-in architectures with the transformers Auto classes.
 """
 
+from . import hub
 from .config import HKTConfig
 from .models import CifarResNetConfig, CifarResNetForImageClassification, CifarResNetModel, cifar_image_processor
 from .trainer import HKTTrainer

@@ -211,7 +211,8 @@ def push_child(
     folder = check_child_folder(folder)
     hkt_config = HKTConfig.from_json_file(folder / HKT_CONFIG_NAME)
     repo_id = create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
-    render_model_card(hkt_config, repo_id, **card_info).save(folder / "README.md")
+    model_name = card_info.pop("model_name", None) or repo_id
+    render_model_card(hkt_config, model_name, **card_info).save(folder / "README.md")
     return upload_folder(
         repo_id=repo_id,
         folder_path=folder,

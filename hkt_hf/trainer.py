@@ -306,3 +306,9 @@ class HKTTrainer(Trainer):
         from . import hub
 
         return hub.push_trainer(self, commit_message or "End of training", blocking, **kwargs)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Trainer's mid-training pushes copy checkpoint weights, which hold the training-only adapter: HKT pushes the
+        plain child through `push_to_hub` (at the end, or when the user saves) instead."""
+        if self.is_world_process_zero():
+            logger.warning_once("HKTTrainer does not push checkpoints during training; call trainer.push_to_hub() after.")
