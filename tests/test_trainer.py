@@ -169,6 +169,20 @@ def test_deep_carrier_with_aligners_runs_the_parent_downstream(resnets, cifar_ba
     assert all(p.grad is None for p in trainer.parent_model.parameters())
 
 
+def test_train_bn_parent_keeps_batch_norm_in_train_mode(tmp_path):
+    """hkt_parent_mode='train-bn' (the reference code's setting) must survive the trainer's shape probe."""
+    child, parent = H.tiny_resnet(8), H.tiny_resnet(16, seed=1)
+    dataset = H.image_dataset(16)
+    trainer = hkt_trainer(child, parent, tmp_path, dataset, hkt_parent_mode="train-bn")
+    norms = [m for m in parent.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    running_mean = norms[0].running_mean.clone()
+    child.train()
+    trainer.compute_loss(child, trainer.data_collator([dataset[i] for i in range(8)]))
+    assert not parent.training and all(m.training for m in norms)
+    assert not torch.equal(norms[0].running_mean, running_mean)  # the parent pass used batch statistics
+    assert all(not p.requires_grad for p in parent.parameters())
+
+
 # ---- `auto` carriers on transformers classifiers of different widths -------------------------------------------
 
 AUTO_MODELS = {
