@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,8 +48,10 @@ from hkt_hf.objective import kd_loss
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 PASTED_LABELS = 11  # background + 10 CIFAR classes
-PARENT = dict(hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], num_attention_heads=[1, 2, 5, 8], decoder_hidden_size=128)
-CHILD = dict(hidden_sizes=[16, 32, 80, 128], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 4], decoder_hidden_size=64)
+PARENT = dict(hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], num_attention_heads=[1, 2, 5, 8],
+              decoder_hidden_size=128)
+CHILD = dict(hidden_sizes=[16, 32, 80, 128], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 4],
+             decoder_hidden_size=64)
 # Three depths at once: an early stage's feature map, a middle transformer block's tokens, the decoder's fused map.
 CARRIERS = [
     "segformer.stages.1=segformer.stages.1",
@@ -59,16 +62,17 @@ QUICK = dict(train_scenes=128, eval_scenes=64, parent_epochs=2, epochs=1, seeds=
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="Tiny smoke run (CI): few scenes, few epochs, one seed.")
     p.add_argument("--output_dir", default="runs/segmentation", help="Runs and the cached parent go here.")
     p.add_argument("--json", help="Also write the final metrics to this JSON file.")
-    p.add_argument("--dataset", help="Hub id or local parquet folder of a segmentation dataset (default: pasted CIFAR).")
+    p.add_argument("--dataset", help="Hub id or local parquet folder of a segmentation dataset (default: pasted).")
     p.add_argument("--train_split", default="train")
     p.add_argument("--eval_split", default="validation")
     p.add_argument("--num_labels", type=int, help="Classes of --dataset (required with it); pasted CIFAR has 11.")
     p.add_argument("--reduce_labels", action="store_true", help="--dataset masks use 0 = 'other': shift labels down.")
-    p.add_argument("--images", help=f"Classification images for the pasted task (default: shared CIFAR-10 or {CIFAR10_HUB_ID}).")
+    p.add_argument("--images", help=f"Images for the pasted task (default: shared CIFAR-10, else {CIFAR10_HUB_ID}).")
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--train_scenes", type=int, default=1024, help="Training scenes (or rows of --dataset).")
     p.add_argument("--eval_scenes", type=int, default=256, help="Evaluation scenes (or rows of --dataset).")
@@ -101,7 +105,8 @@ def load_data(args: argparse.Namespace) -> tuple[Any, Any, int]:
         data = load_image_dataset(args.dataset)
         missing = [s for s in (args.train_split, args.eval_split) if s not in data]
         if missing:
-            raise SystemExit(f"{args.dataset} has no split(s) {missing}; it has {list(data)}. Use --train_split/--eval_split.")
+            raise SystemExit(f"{args.dataset} has no split(s) {missing}; it has {list(data)}. "
+                             "Use --train_split / --eval_split.")
         train = strided_subset(data[args.train_split], args.train_scenes)
         test = strided_subset(data[args.eval_split], args.eval_scenes)
         num_labels = args.num_labels
@@ -130,7 +135,7 @@ class KDTrainer(Trainer):
         self.kd_weight, self.temperature = kd_weight, temperature
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         if model.training:
             with torch.no_grad():
                 teacher_logits = self.teacher(pixel_values=inputs["pixel_values"]).logits
@@ -147,7 +152,7 @@ def training_kwargs(args: argparse.Namespace, output_dir: Path, epochs: float, s
     )
 
 
-def train_parent(args: argparse.Namespace, train, test, num_labels: int) -> SegformerForSemanticSegmentation:
+def train_parent(args: argparse.Namespace, train, num_labels: int) -> SegformerForSemanticSegmentation:
     """Train the parent on the task once; later runs with the same settings load it from the cache."""
     settings = dict(PARENT, num_labels=num_labels, epochs=args.parent_epochs, lr=args.lr, batch=args.batch_size,
                     dataset=args.dataset or "pasted", images=args.images, size=args.image_size,
@@ -198,9 +203,9 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Mean and spread of mIoU per method over the seeds."""
     summary = {}
     for method in dict.fromkeys(r["method"] for r in runs):
-        values = torch.tensor([r["mean_iou"] for r in runs if r["method"] == method], dtype=torch.float64)
-        summary[method] = {"mean_iou": round(values.mean().item(), 2),
-                           "std": round(values.std().item(), 2) if len(values) > 1 else 0.0, "seeds": len(values)}
+        values = [r["mean_iou"] for r in runs if r["method"] == method]
+        summary[method] = {"mean_iou": round(statistics.mean(values), 2),
+                           "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0, "seeds": len(values)}
     return summary
 
 
@@ -208,13 +213,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     start = time.perf_counter()
     train, test, num_labels = load_data(args)
-    parent = train_parent(args, train, test, num_labels)
+    parent = train_parent(args, train, num_labels)
     parent_scores = {k: round(v, 2) for k, v in evaluate_segmentation(parent, test, num_labels).items()}
     runs = [run_child(args, method, seed, parent, train, test, num_labels)
             for seed in args.seeds for method in ("alone", "kd", "hkt")]
     result = {
         "command": "python examples/segmentation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "data": args.dataset or f"pasted CIFAR-10 objects, {args.image_size}x{args.image_size}, data_seed {args.data_seed}",
+        "data": args.dataset or f"pasted CIFAR-10, {args.image_size}x{args.image_size}, data_seed {args.data_seed}",
         "train_rows": len(train), "eval_rows": len(test), "num_labels": num_labels,
         "parent": {**parent_scores, "params": sum(p.numel() for p in parent.parameters())},
         "child_params": sum(p.numel() for p in build_model(CHILD, num_labels, 0).parameters()),

@@ -51,7 +51,8 @@ def paste_scene(
     for image, cls in zip(images, classes):
         side = int(rng.integers(low, high + 1))
         top, left = (int(v) for v in rng.integers(0, size - side + 1, 2))
-        canvas[top : top + side, left : left + side] = np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR))
+        resized = Image.fromarray(image).resize((side, side), Image.BILINEAR)
+        canvas[top : top + side, left : left + side] = np.asarray(resized)
         mask[top : top + side, left : left + side] = cls + 1
     return canvas, mask
 
@@ -100,7 +101,8 @@ def segmentation_transform(
 
     def transform(batch: dict[str, list]) -> dict[str, Any]:
         images = [Image.fromarray(to_rgb_array(img)) for img in batch[image_column]]
-        masks = [m if isinstance(m, Image.Image) else Image.fromarray(np.asarray(m, dtype=np.uint8)) for m in batch[mask_column]]
+        masks = [m if isinstance(m, Image.Image) else Image.fromarray(np.asarray(m, dtype=np.uint8))
+                 for m in batch[mask_column]]
         if train:
             flips = torch.rand(len(images), generator=generator) < 0.5
             images = [i.transpose(Image.FLIP_LEFT_RIGHT) if f else i for i, f in zip(images, flips)]
@@ -161,7 +163,8 @@ def evaluate_segmentation(
         for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=DefaultDataCollator(return_tensors="pt")):
             logits = model(pixel_values=batch["pixel_values"].to(device)).logits
             labels = batch["labels"]
-            logits = torch.nn.functional.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            logits = torch.nn.functional.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear",
+                                                     align_corners=False)
             confusion += confusion_matrix(logits.argmax(1).cpu().numpy(), labels.numpy(), num_labels, ignore_index)
     finally:
         model.train(was_training)

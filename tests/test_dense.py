@@ -135,7 +135,8 @@ def test_evaluate_segmentation_upsamples_quarter_resolution_logits_of_a_perfect_
             labels = torch.as_tensor(next(self.next)[None, ::4, ::4], dtype=torch.long)
             return type("Out", (), {"logits": F.one_hot(labels, NUM_CLASSES + 1).permute(0, 3, 1, 2).float()})()
 
-    assert evaluate_segmentation(Oracle(), data, NUM_CLASSES + 1, batch_size=1) == {"mean_iou": 100.0, "pixel_accuracy": 100.0}
+    scores = evaluate_segmentation(Oracle(), data, NUM_CLASSES + 1, batch_size=1)
+    assert scores == {"mean_iou": 100.0, "pixel_accuracy": 100.0}
 
 
 # ---- core pieces on dense features --------------------------------------------------------------------------------
