@@ -1,0 +1,393 @@
+"""Final test accuracy of a ResNet-20 child trained alone, with KD and with HKT, on the shared CIFAR-10 (JPEG).
+
+One recipe for every method (SGD lr 0.01 momentum 0.9 weight decay 1e-4, batch 128, cosine schedule to 0, random
+crop pad 4 + flip, ImageNet mean/std, bf16 autocast with channels-last weights, a fixed number of optimizer steps):
+
+1. Parent: the pretrained ResNet-56, first adapted to the JPEG training split with this recipe (cached).
+2. Child: the pretrained ResNet-20, trained by each method with the same recipe, for every seed.
+3. Every child is scored once, at the end, on the full test split in fp32. Nothing is selected on the test set.
+
+Each finished run is written at once (atomically) to `<out>/cifar10.json` and skipped when the command runs again,
+so the table can be completed across sessions:
+
+    python benchmarks/cifar10.py                 # full run (resumable), results in benchmarks/results/
+    python benchmarks/cifar10.py --report        # table, plot and model card again from the JSON
+    python benchmarks/cifar10.py --quick --out /tmp/q   # smoke run on subsets (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    BATCH_SIZE,
+    CACHE,
+    CHECKPOINTS,
+    LR,
+    MOMENTUM,
+    PADDING,
+    REPO,
+    RESULTS,
+    WEIGHT_DECAY,
+    CifarTensors,
+    atomic_write_json,
+    atomic_write_text,
+    decoded_split,
+    load_pretrained,
+    recipe_args,
+    set_fast_cpu,
+)
+
+from hkt_hf import HKTTrainer, HKTTrainingArguments  # noqa: E402
+from hkt_hf.data import image_collator  # noqa: E402
+from hkt_hf.evaluation import top1_accuracy  # noqa: E402
+
+RESULTS_NAME = "cifar10.json"
+MODEL_CARD = REPO / "model_cards" / "hkt-resnet20-cifar10-jpeg.md"
+KD = dict(hkt_kd_weight=1.0, hkt_kd_temperature=4.0)
+# The HKTTrainingArguments of each method; None = the child alone, with the plain transformers Trainer.
+METHODS: dict[str, dict[str, Any] | None] = {
+    "child": None,
+    "kd": dict(hkt_loss_weights=[1.0, 0.0, 0.0], **KD),
+    "hkt": {},  # the reference settings: head-input carrier, genetic gate, lambda 0.6, weights [1, 1, 1]
+    "hkt+kd": dict(**KD),
+    "hkt-agreement": dict(hkt_gate="agreement"),
+}
+DESCRIPTIONS = {
+    "child": "child alone (plain `Trainer`)",
+    "kd": "KD: CE + T^2 KL, T = 4 (`HKTTrainer`, loss weights [1, 0, 0], kd weight 1)",
+    "hkt": "HKT, reference settings (genetic gate, lambda 0.6, weights [1, 1, 1])",
+    "hkt+kd": "HKT reference + KD term (T = 4, weight 1)",
+    "hkt-agreement": "HKT with the agreement gate (w = lambda * a)",
+}
+FULL = dict(steps=1000, parent_steps=300, train_rows=None, test_rows=None, batch_size=BATCH_SIZE)
+QUICK = dict(steps=6, parent_steps=3, train_rows=512, test_rows=200, batch_size=32)
+
+
+def recipe(settings: dict[str, Any], bf16: bool) -> dict[str, Any]:
+    """Everything that must match for runs to be comparable; stored in the JSON and checked on resume."""
+    return dict(
+        settings, bf16=bf16, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, schedule="cosine, no warmup",
+        augmentation=f"random_crop_flip pad {PADDING}", normalisation="ImageNet mean/std",
+        child_init=CHECKPOINTS["resnet20"], parent_init=CHECKPOINTS["resnet56"],
+    )
+
+
+def load_results(path: Path, rec: dict[str, Any]) -> dict[str, Any]:
+    if not path.exists():
+        return {"recipe": rec, "runs": {}, "reference": {}, "commands": []}
+    results = json.loads(path.read_text())
+    if results["recipe"] != rec:
+        raise SystemExit(
+            f"{path} holds runs of another recipe:\n  stored:    {results['recipe']}\n  requested: {rec}\n"
+            "Resume with the same options, or pass --out to a new folder."
+        )
+    return results
+
+
+def trainer_for(method: str, model, args_dir: Path, seed: int, rec: dict[str, Any], train_ds, parent) -> Trainer:
+    extra = METHODS[method]
+    common = dict(train_dataset=train_ds, data_collator=image_collator())
+    shared = (args_dir, seed, rec["steps"], rec["bf16"], rec["batch_size"])
+    if extra is None:
+        return Trainer(model, recipe_args(TrainingArguments, *shared), **common)
+    args = recipe_args(HKTTrainingArguments, *shared, **extra)
+    return HKTTrainer(model, args, parent_model=copy.deepcopy(parent), **common)
+
+
+def train(trainer: Trainer, bf16: bool) -> float:
+    """Seconds of `trainer.train()`. Autocast is also opened here because accelerate only wraps the prepared
+    child's forward: without it the parent's pass (and the head replay) of HKTTrainer would run in fp32."""
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        trainer.train()
+    return time.perf_counter() - start
+
+
+def final_logs(trainer: Trainer) -> dict[str, float]:
+    """The last training log (loss, HKT loss parts and gate statistics) and the train summary."""
+    history = trainer.state.log_history
+    last = next((h for h in reversed(history) if "loss" in h), {})
+    summary = next((h for h in reversed(history) if "train_runtime" in h), {})
+    return {k: v for k, v in {**last, **summary}.items() if isinstance(v, (int, float))}
+
+
+def adapted_parent(rec: dict[str, Any], data, cache: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The pretrained ResNet-56 fine-tuned on the JPEG training split with the shared recipe (seed 0), cached."""
+    key = f"parent-resnet56-jpeg-{rec['parent_steps']}steps-{rec['train_rows'] or 'all'}rows-b{rec['batch_size']}"
+    folder = cache / key
+    info_path = folder / "adaptation.json"
+    if not info_path.exists():
+        train_ds, test_ds = data
+        model = set_fast_cpu(load_pretrained("resnet56"))
+        trainer = Trainer(model, recipe_args(TrainingArguments, cache / "tmp-parent", 0, rec["parent_steps"],
+                                             rec["bf16"], rec["batch_size"]),
+                          train_dataset=train_ds, data_collator=image_collator())
+        seconds = train(trainer, rec["bf16"])
+        model = trainer.model.eval()
+        model.save_pretrained(folder)
+        info = {"steps": rec["parent_steps"], "train_s": seconds, "test_accuracy": evaluate(model, test_ds),
+                "logs": final_logs(trainer), "init": CHECKPOINTS["resnet56"]}
+        atomic_write_json(info_path, info)
+    info = json.loads(info_path.read_text())
+    parent = set_fast_cpu(AutoModelForImageClassification.from_pretrained(folder)).eval()
+    return parent, info
+
+
+def evaluate(model: torch.nn.Module, test_ds) -> float:
+    """Final top-1 accuracy in fp32 (the deployed child), on the test split."""
+    return top1_accuracy(model.float().eval(), test_ds, batch_size=500, progress=False)
+
+
+def run_all(opts: argparse.Namespace) -> Path:
+    settings = dict(QUICK if opts.quick else FULL)
+    if opts.steps:
+        settings["steps"] = opts.steps
+    rec = recipe(settings, bf16=not opts.fp32)
+    out: Path = opts.out or (CACHE / "quick-results" if opts.quick else RESULTS)
+    path = out / RESULTS_NAME
+    results = load_results(path, rec)
+    results["commands"].append({"argv": shlex.join(["python", "benchmarks/cifar10.py", *sys.argv[1:]]),
+                                "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    atomic_write_json(path, results)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    cache: Path = opts.cache
+    started = time.perf_counter()
+    train_images, train_labels = decoded_split("train", rec["train_rows"], cache)
+    test_images, test_labels = decoded_split("test", rec["test_rows"], cache)
+    data = (CifarTensors(train_images, train_labels, train=True), CifarTensors(test_images, test_labels, train=False))
+
+    if "pretrained-child" not in results["reference"]:
+        results["reference"]["pretrained-child"] = evaluate(load_pretrained("resnet20"), data[1])
+        results["reference"]["pretrained-parent"] = evaluate(load_pretrained("resnet56"), data[1])
+        atomic_write_json(path, results)
+    parent, parent_info = adapted_parent(rec, data, cache)
+    results["reference"]["adapted-parent"] = parent_info
+    atomic_write_json(path, results)
+
+    for seed in opts.seeds:  # seed-major order: an interrupted run leaves every method with similar seed counts
+        for method in opts.methods:
+            key = f"{method}/seed{seed}"
+            if key in results["runs"]:
+                print(f"skip {key}: already in {path}", flush=True)
+                continue
+            print(f"run {key} ({rec['steps']} steps)", flush=True)
+            child = set_fast_cpu(load_pretrained("resnet20"))
+            trainer = trainer_for(method, child, cache / "tmp-runs", seed, rec, data[0], parent)
+            seconds = train(trainer, rec["bf16"])
+            child = trainer.model
+            accuracy = evaluate(child, data[1])
+            trainer.save_model(str(cache / "runs" / out.name / method / f"seed{seed}"))
+            results["runs"][key] = {"method": method, "seed": seed, "test_accuracy": accuracy, "train_s": seconds,
+                                    "logs": final_logs(trainer),
+                                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+            atomic_write_json(path, results)
+            print(f"done {key}: {accuracy:.2f} % in {seconds:.0f} s", flush=True)
+    results["commands"][-1]["wall_s"] = time.perf_counter() - started
+    atomic_write_json(path, results)
+    report(out)
+    return path
+
+
+# ---- report ---------------------------------------------------------------------------------------------------
+
+
+def summarise(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per method: seeds, accuracies, mean and sample std (0 with one seed), mean train seconds."""
+    rows: dict[str, dict[str, Any]] = {}
+    for run in results["runs"].values():
+        rows.setdefault(run["method"], {"seeds": [], "acc": [], "train_s": []})
+        rows[run["method"]]["seeds"].append(run["seed"])
+        rows[run["method"]]["acc"].append(run["test_accuracy"])
+        rows[run["method"]]["train_s"].append(run["train_s"])
+    for row in rows.values():
+        row["mean"] = statistics.fmean(row["acc"])
+        row["std"] = statistics.stdev(row["acc"]) if len(row["acc"]) > 1 else 0.0
+        row["mean_train_s"] = statistics.fmean(row["train_s"])
+    return {m: rows[m] for m in METHODS if m in rows}
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    rec, ref = results["recipe"], results["reference"]
+    lines = [
+        "| method | seeds | final test top-1 % (mean +- std) | per seed | train s / run |",
+        "|---|---|---|---|---|",
+    ]
+    for method, row in summarise(results).items():
+        per_seed = ", ".join(f"{a:.2f}" for _, a in sorted(zip(row["seeds"], row["acc"])))
+        lines.append(f"| {DESCRIPTIONS[method]} | {len(row['acc'])} | {row['mean']:.2f} +- {row['std']:.2f} | "
+                     f"{per_seed} | {row['mean_train_s']:.0f} |")
+    lines += ["", "| reference model (not trained here) | test top-1 % |", "|---|---|"]
+    if "pretrained-child" in ref:
+        lines.append(f"| pretrained ResNet-20 ({CHECKPOINTS['resnet20']}) | {ref['pretrained-child']:.2f} |")
+        lines.append(f"| pretrained ResNet-56 ({CHECKPOINTS['resnet56']}) | {ref['pretrained-parent']:.2f} |")
+    if "adapted-parent" in ref:
+        lines.append(f"| parent: ResNet-56 adapted to the JPEG train split, {ref['adapted-parent']['steps']} steps "
+                     f"| {ref['adapted-parent']['test_accuracy']:.2f} |")
+    rows = rec["train_rows"] or "all 50,000"
+    test = rec["test_rows"] or "all 10,000"
+    lines += [
+        "",
+        f"Recipe: {rec['steps']} optimizer steps per child run (batch {rec['batch_size']}, {rows} training images), "
+        f"SGD lr {rec['lr']} momentum {rec['momentum']} weight decay {rec['weight_decay']}, {rec['schedule']}, "
+        f"{rec['augmentation']}, {rec['normalisation']}, {'bf16 autocast' if rec['bf16'] else 'fp32'} training; "
+        f"final accuracy in fp32 on {test} test images, measured once after the last step.",
+        "",
+        "Commands: " + "; ".join(
+            f"`{c['argv']}` ({c['started']}" + (f", {c['wall_s'] / 60:.0f} min" if "wall_s" in c else ", interrupted")
+            + ")" for c in results["commands"]
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summarise(results)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = list(rows)
+    for i, name in enumerate(names):
+        row = rows[name]
+        ax.bar(i, row["mean"], yerr=row["std"], capsize=4, color="#4C72B0" if name.startswith("hkt") else "#999999")
+        ax.scatter([i] * len(row["acc"]), row["acc"], color="black", s=10, zorder=3)
+    ref = results["reference"]
+    for label, value, style in (("pretrained ResNet-20", ref.get("pretrained-child"), ":"),
+                                ("adapted parent", ref.get("adapted-parent", {}).get("test_accuracy"), "--")):
+        if value is not None:
+            ax.axhline(value, linestyle=style, color="#C44E52", label=f"{label} ({value:.2f})")
+    ax.set_xticks(range(len(names)), [f"{n}\n(n={len(rows[n]['acc'])})" for n in names])
+    accs = [a for r in rows.values() for a in r["acc"]] + [v for v in (ref.get("pretrained-child"),) if v]
+    if accs:
+        ax.set_ylim(math.floor(min(accs)) - 1, math.ceil(max(accs)) + 1)
+    ax.set_ylabel("final test top-1 % (JPEG CIFAR-10)")
+    ax.set_title(f"ResNet-20 child, ResNet-56 parent, {results['recipe']['steps']} steps per run")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def model_card(results: dict[str, Any]) -> str | None:
+    """The card of the best HKT method by mean final test accuracy (an HKT variant is chosen on test numbers,
+    which the card states), or None before any HKT run has finished."""
+    rows = summarise(results)
+    hkt = {m: r for m, r in rows.items() if m.startswith("hkt")}
+    if not hkt:
+        return None
+    best = max(hkt, key=lambda m: hkt[m]["mean"])
+    rec, ref, row = results["recipe"], results["reference"], hkt[best]
+    config = {"parent": "ResNet-56 adapted to JPEG CIFAR-10 (see Lineage)", "carriers": ["auto"], "gate": "genetic",
+              "lam": 0.6, "loss_weights": [1.0, 1.0, 1.0], "kd_weight": 0.0}
+    config.update({k.removeprefix("hkt_").replace("lambda", "lam"): v for k, v in (METHODS[best] or {}).items()})
+    params = sum(p.numel() for p in load_pretrained("resnet20").parameters())
+    baseline = lambda m: (f"{rows[m]['mean']:.2f} +- {rows[m]['std']:.2f} ({len(rows[m]['acc'])} seeds)"  # noqa: E731
+                          if m in rows else "not run yet")
+    return f"""---
+library_name: transformers
+tags: [hkt, knowledge-transfer, image-classification, cifar10]
+datasets: [cifar10]
+metrics: [accuracy]
+---
+
+# HKT ResNet-20 on CIFAR-10 (JPEG re-encode)
+
+<!-- Generated by `python benchmarks/cifar10.py --report` from benchmarks/results/cifar10.json: do not edit. -->
+
+A CIFAR ResNet-20 (`CifarResNetForImageClassification`, {params:,} parameters: the plain ResNet-20's architecture and
+speed) trained with Hereditary Knowledge Transfer from a ResNet-56 parent using `hkt_hf.HKTTrainer`.
+Method: {DESCRIPTIONS[best]}. This is the best of the HKT variants run by the benchmark by mean final test
+accuracy (so the variant, though not any checkpoint or epoch, was chosen on the test set).
+
+## Results (final test top-1 %, JPEG CIFAR-10 test split, mean +- std over seeds)
+
+| model | accuracy |
+|---|---|
+| this recipe, {best} | {row['mean']:.2f} +- {row['std']:.2f} ({len(row['acc'])} seeds: {', '.join(f'{a:.2f}' for a in row['acc'])}) |
+| same recipe, child alone | {baseline('child')} |
+| same recipe, KD (T = 4) | {baseline('kd')} |
+| pretrained ResNet-20, before training | {ref.get('pretrained-child', float('nan')):.2f} |
+| parent (adapted ResNet-56) | {ref.get('adapted-parent', {}).get('test_accuracy', float('nan')):.2f} |
+
+Numbers are for this JPEG re-encode of CIFAR-10 only; they are not comparable with results on the original data.
+
+## Lineage
+- Child initialisation: `{CHECKPOINTS['resnet20']}` (public CIFAR ResNet-20), imported with `hkt_hf.checkpoint`.
+- Parent: `{CHECKPOINTS['resnet56']}` (public CIFAR ResNet-56), adapted to the JPEG training split for
+  {rec['parent_steps']} steps with the recipe below (seed 0), then frozen.
+- HKT settings (`hkt_config.json`): `{json.dumps(config, sort_keys=True)}`.
+- Recipe: {rec['steps']} steps, batch {rec['batch_size']}, SGD lr {rec['lr']} momentum {rec['momentum']} weight decay
+  {rec['weight_decay']}, {rec['schedule']}, {rec['augmentation']}, {rec['normalisation']},
+  {'bf16 autocast' if rec['bf16'] else 'fp32'} on CPU.
+- Weights: written by the benchmark to `benchmarks/.cache/runs/<out>/{best}/seed<k>/` (not committed).
+
+## Use
+```python
+import hkt_hf  # registers the architecture
+from transformers import AutoModelForImageClassification
+model = AutoModelForImageClassification.from_pretrained("path/to/{best}/seed0")
+```
+The child runs alone: no parent and no gate at inference.
+
+## Limitations
+Short CPU fine-tuning budget ({rec['steps']} steps) from pretrained weights; {len(row['acc'])} seeds.
+Reproduce with `python benchmarks/cifar10.py` (see benchmarks/README.md).
+"""
+
+
+def report(out: Path) -> None:
+    """Table, plot and model card from `<out>/cifar10.json`; the card goes to model_cards/ only for the committed
+    results folder, into `out` otherwise."""
+    path = out / RESULTS_NAME
+    if not path.exists():
+        raise SystemExit(f"No results at {path}: run `python benchmarks/cifar10.py` first.")
+    results = json.loads(path.read_text())
+    atomic_write_text(out / "cifar10.md", "# CIFAR-10 (JPEG) final test accuracy\n\n" + markdown_table(results) + "\n")
+    plot(results, out / "cifar10.png")
+    card = model_card(results)
+    if card is not None:
+        atomic_write_text(MODEL_CARD if out.resolve() == RESULTS.resolve() else out / MODEL_CARD.name, card)
+    print(markdown_table(results))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few steps on subsets: a CI smoke run")
+    parser.add_argument("--report", action="store_true", help="only regenerate table, plot and card from the JSON")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default benchmarks/results, or benchmarks/.cache/quick-results)")
+    parser.add_argument("--cache", type=Path, default=CACHE, help="decoded data, adapted parent and child weights")
+    parser.add_argument("--methods", nargs="+", default=["child", "kd", "hkt"], choices=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2 (--quick: 0)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per child run (part of the recipe)")
+    parser.add_argument("--fp32", action="store_true", help="train without bf16 autocast (part of the recipe)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    opts = parser.parse_args(argv)
+    if opts.report:
+        report(opts.out or RESULTS)
+        return 0
+    opts.seeds = opts.seeds or ([0] if opts.quick else [0, 1, 2])
+    run_all(opts)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""Shared pieces of the CIFAR-10 benchmarks: where the shared data and checkpoints live, a uint8 decode cache,
+a tensor dataset with the package's augmentation, the reference training recipe, and the fast CPU setup.
+
+Benchmarks may read ../shared (the package never does). JPEG decoding is done once per split and cached under
+benchmarks/.cache/ (gitignored); each training step then only crops, flips and normalises uint8 arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from hkt_hf.checkpoint import import_checkpoint
+from hkt_hf.data import load_image_dataset, random_crop_flip, strided_subset, to_rgb_array
+from hkt_hf.models import IMAGENET_MEAN, IMAGENET_STD, CifarResNetForImageClassification
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CIFAR_DIR = SHARED / "data" / "cifar10"
+MODELS_DIR = SHARED / "models" / "cifar-resnet"
+CACHE = REPO / "benchmarks" / ".cache"
+RESULTS = REPO / "benchmarks" / "results"
+CHECKPOINTS = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}
+
+# The reference CIFAR recipe (method doc): SGD lr 0.01, momentum 0.9, weight decay 1e-4, batch 128,
+# random crop with 4 pixels of zero padding + horizontal flip, ImageNet mean/std.
+LR, MOMENTUM, WEIGHT_DECAY, BATCH_SIZE, PADDING = 0.01, 0.9, 1e-4, 128, 4
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: the benchmarks need the shared CIFAR-10 data and checkpoints beside the repository "
+            f"(expected in {SHARED})."
+        )
+    return path
+
+
+def load_pretrained(name: str) -> CifarResNetForImageClassification:
+    """A reference checkpoint ('resnet20' or 'resnet56') as a transformers model, in eval mode."""
+    return import_checkpoint(require(MODELS_DIR / CHECKPOINTS[name]))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so an interrupted run never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def decoded_split(split: str, rows: int | None = None, cache: Path = CACHE) -> tuple[np.ndarray, np.ndarray]:
+    """Images [N, 32, 32, 3] uint8 and labels [N] of a shared CIFAR-10 split (a strided subset of `rows`), decoded
+    from JPEG once and cached as .npz."""
+    path = cache / f"cifar10-{split}-{rows or 'all'}.npz"
+    if not path.exists():
+        ds = load_image_dataset(str(require(CIFAR_DIR / f"{split}.parquet")))[split]
+        ds = strided_subset(ds, rows)
+        images = np.stack([to_rgb_array(img) for img in ds["img"]])
+        labels = np.asarray(ds["label"], dtype=np.int64)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, images=images, labels=labels)
+        os.replace(tmp, path)
+    with np.load(path) as blob:
+        return blob["images"], blob["labels"]
+
+
+def normalise(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> 3xHxW float, rescaled to [0, 1] and normalised with ImageNet mean/std, exactly as
+    `hkt_hf.models.cifar_image_processor()` does (checked in tests/test_benchmarks.py)."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    return (x - _MEAN) / _STD
+
+
+class CifarTensors(Dataset):
+    """Decoded CIFAR images as `{"pixel_values", "labels"}` rows; `train=True` applies `random_crop_flip`."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, train: bool):
+        if len(images) != len(labels) or len(images) == 0:
+            raise ValueError(f"Need as many images as labels, and at least one: got {len(images)} and {len(labels)}.")
+        self.images, self.labels, self.train = images, labels, train
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image = self.images[i]
+        if self.train:
+            image = random_crop_flip(image, PADDING)
+        return {"pixel_values": normalise(image), "labels": int(self.labels[i])}
+
+
+def set_fast_cpu(model: nn.Module) -> nn.Module:
+    """Channels-last weights: with bf16 autocast, oneDNN's convolutions are several times faster on this CPU."""
+    return model.to(memory_format=torch.channels_last)
+
+
+def recipe_args(
+    args_class: type, output_dir: Path | str, seed: int, max_steps: int, bf16: bool, batch_size: int = BATCH_SIZE,
+    **extra: Any,
+):
+    """Training arguments of the shared recipe for `args_class` (TrainingArguments or HKTTrainingArguments)."""
+    return args_class(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=bf16,
+        seed=seed,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=LR,
+        optim="sgd",
+        optim_args=f"momentum={MOMENTUM}",
+        weight_decay=WEIGHT_DECAY,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        dataloader_drop_last=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        logging_steps=max(1, min(50, max_steps // 4)),
+        **extra,
+    )
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def round_robin(names: list[str], repeats: int) -> Iterator[str]:
+    """Each name once per round, `repeats` rounds: noise on a shared machine hits every method alike."""
+    for _ in range(repeats):
+        yield from names
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start

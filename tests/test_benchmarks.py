@@ -1,0 +1,82 @@
+"""Smoke tests of the CIFAR-10 benchmarks: both scripts' `--quick` runs end to end on the real shared data, and the
+tensor pipeline they train on matches the package's image processor. Timing ratios are not asserted (noisy CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from common import CifarTensors, normalise  # noqa: E402
+
+from hkt_hf.models import cifar_image_processor  # noqa: E402
+
+
+def run_script(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_normalise_matches_the_image_processor(random_image):
+    expected = cifar_image_processor()(Image.fromarray(random_image), return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(normalise(random_image), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cifar_tensors_augment_only_the_training_rows(random_image):
+    images, labels = np.stack([random_image] * 4), np.arange(4)
+    test_rows = CifarTensors(images, labels, train=False)
+    torch.testing.assert_close(test_rows[2]["pixel_values"], normalise(random_image))
+    assert test_rows[2]["labels"] == 2
+    torch.manual_seed(0)
+    train_rows = [CifarTensors(images, labels, train=True)[0]["pixel_values"] for _ in range(8)]
+    assert all(t.shape == (3, 32, 32) for t in train_rows)
+    assert any(not torch.equal(t, normalise(random_image)) for t in train_rows)
+    with pytest.raises(ValueError, match="as many images as labels"):
+        CifarTensors(images, labels[:3], train=True)
+
+
+def test_step_cost_quick_reports_every_key():
+    last = run_script(str(BENCHMARKS / "step_cost.py"), "--quick").strip().splitlines()[-1]
+    result = json.loads(last)
+    for key in ("hkt_over_kd", "hkt_over_reference", "peak_mem_hkt_over_kd", "export_latency_ratio"):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert result["params_exported_child"] == result["params_plain_child"] > 0
+    assert set(result["step_s"]) == {"child", "kd", "hkt", "reference"}
+    # The reference step keeps both parent passes' activations for backward: far more than HKT.
+    assert result["saved_mib"]["reference"] > 2 * result["saved_mib"]["hkt"]
+
+
+def test_cifar10_quick_writes_resumable_results(tmp_path):
+    script = str(BENCHMARKS / "cifar10.py")
+    run_script(script, "--quick", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "cifar10.json").read_text())
+    assert set(results["runs"]) == {"child/seed0", "kd/seed0", "hkt/seed0"}
+    for key, run in results["runs"].items():
+        assert key == f"{run['method']}/seed{run['seed']}"
+        assert 0.0 <= run["test_accuracy"] <= 100.0
+        assert run["train_s"] > 0
+    assert "hkt/classifier:input=classifier:input/gate_mean" in results["runs"]["hkt/seed0"]["logs"]
+    ref = results["reference"]
+    for value in (ref["pretrained-child"], ref["pretrained-parent"], ref["adapted-parent"]["test_accuracy"]):
+        assert 0.0 <= value <= 100.0
+    assert results["recipe"]["steps"] > 0 and results["commands"][0]["wall_s"] > 0
+    table = (tmp_path / "cifar10.md").read_text()
+    assert "| 1 |" in table  # the seed count of each row
+    assert (tmp_path / "cifar10.png").stat().st_size > 0
+    assert "HKT ResNet-20" in (tmp_path / "hkt-resnet20-cifar10-jpeg.md").read_text()
+
+    again = run_script(script, "--quick", "--out", str(tmp_path))
+    assert "skip child/seed0" in again and "skip hkt/seed0" in again
+    assert json.loads((tmp_path / "cifar10.json").read_text())["runs"] == results["runs"]
