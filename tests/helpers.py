@@ -4,6 +4,8 @@ offline word-level tokenizer, training arguments for fast CPU runs, and hook / a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,18 @@ CIFAR_DIR = SHARED / "data" / "cifar10"
 CIFAR_MODELS = SHARED / "models" / "cifar-resnet"
 NUM_LABELS = 3
 IMAGE_SIZE = 16
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread while the block runs: on a busy shared CPU, tiny models with two OpenMP threads spend most
+    of their time spin-waiting (a 5x slower test file was measured here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def tiny_vit(hidden: int, layers: int = 1, num_labels: int = NUM_LABELS, seed: int = 0,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -29,11 +30,17 @@ from hkt_hf.adapter import HKTAdapter
 from hkt_hf.checkpoint import import_checkpoint
 from hkt_hf.config import HKT_CONFIG_NAME
 from hkt_hf.data import prepare_image_dataset, strided_subset
-from hkt_hf.objective import HKTObjective
+from hkt_hf.objective import HKTObjective, StepResult
 from hkt_hf.transfer import Aligner
 
 LAM = 0.6
 AUTO_CARRIER = "classifier:input=classifier:input"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with H.one_torch_thread():
+        yield
 
 
 # ---- the real CIFAR ResNets: compute_loss against an independent computation -----------------------------------
@@ -227,18 +234,48 @@ def test_auto_carriers_build_aligners_that_receive_gradients(name, tmp_path):
 # ---- gradient accumulation ---------------------------------------------------------------------------------------
 
 
-def run_vit(tmp_path, **overrides) -> HKTTrainer:
-    trainer = hkt_trainer(H.tiny_vit(16), H.tiny_vit(32, seed=1), tmp_path, H.image_dataset(64), max_steps=2,
-                          **overrides)
-    trainer.train()
-    return trainer
+class RecordedRun(NamedTuple):
+    trainer: HKTTrainer
+    steps: list[StepResult]  # what the objective returned for every (micro-)batch, in order
 
 
-def test_gradient_accumulation_matches_one_big_batch(tmp_path):
-    small = run_vit(tmp_path / "a", per_device_train_batch_size=8, gradient_accumulation_steps=4)
-    big = run_vit(tmp_path / "b", per_device_train_batch_size=32, gradient_accumulation_steps=1)
-    logs_small = [h for h in small.state.log_history if "loss" in h]
-    logs_big = [h for h in big.state.log_history if "loss" in h]
+def recorded_vit_run(output_dir, **overrides) -> RecordedRun:
+    """4 SGD steps of a dropout-free ViT pair, logging every 2 steps, recording each objective result.
+
+    SGD rather than Adam: Adam turns the float noise of gradients that are zero in exact arithmetic (attention key
+    biases) into full-size steps, so equal runs would differ there.
+    """
+    steps: list[StepResult] = []
+    original = HKTObjective.__call__
+
+    def recording_call(self, *args, **kwargs):
+        steps.append(original(self, *args, **kwargs))
+        return steps[-1]
+
+    trainer = hkt_trainer(H.tiny_vit(16), H.tiny_vit(32, seed=1), output_dir, H.image_dataset(128), max_steps=4,
+                          logging_steps=2, optim="sgd", **overrides)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(HKTObjective, "__call__", recording_call)
+        trainer.train()
+    return RecordedRun(trainer, steps)
+
+
+@pytest.fixture(scope="module")
+def accumulation_runs(tmp_path_factory) -> tuple[RecordedRun, RecordedRun]:
+    """The same data as batches of 8 accumulated over 4 micro-steps, and as plain batches of 32."""
+    small = recorded_vit_run(tmp_path_factory.mktemp("ga4"), per_device_train_batch_size=8,
+                             gradient_accumulation_steps=4)
+    big = recorded_vit_run(tmp_path_factory.mktemp("ga1"), per_device_train_batch_size=32)
+    return small, big
+
+
+def training_logs(trainer: HKTTrainer) -> list[dict]:
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def test_gradient_accumulation_matches_one_big_batch(accumulation_runs):
+    small, big = (run.trainer for run in accumulation_runs)
+    logs_small, logs_big = training_logs(small), training_logs(big)
     assert len(logs_small) == len(logs_big) == 2
     keys = [k for k in logs_big[0] if k == "loss" or k.startswith("hkt/")]
     assert len(keys) == 6 and f"hkt/{AUTO_CARRIER}/gate_mean" in keys
@@ -251,6 +288,24 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("run_index", [0, 1], ids=["accumulated", "plain"])
+def test_logged_hkt_values_are_means_over_the_logged_steps(accumulation_runs, run_index):
+    trainer, steps = accumulation_runs[run_index]
+    logs = training_logs(trainer)
+    assert [h["step"] for h in logs] == [2, 4] and len(steps) % 2 == 0
+    for log, window in zip(logs, (steps[: len(steps) // 2], steps[len(steps) // 2:])):
+        gates = [s.gates[AUTO_CARRIER] for s in window]
+        assert log[f"hkt/{AUTO_CARRIER}/gate_mean"] == pytest.approx(np.mean([g.gate.mean().item() for g in gates]))
+        assert log[f"hkt/{AUTO_CARRIER}/mix_weight_mean"] == pytest.approx(
+            np.mean([g.weight.mean().item() for g in gates]))
+        for part in ("native", "child_mixed", "parent_head"):
+            assert log[f"hkt/loss_{part}"] == pytest.approx(np.mean([s.parts[part].item() for s in window]))
+        assert log["loss"] == pytest.approx(np.mean([s.loss.item() for s in window]), abs=1e-4)
+        # The genetic gate's weight is lambda * (1 - a) step by step, so also on average.
+        assert log[f"hkt/{AUTO_CARRIER}/mix_weight_mean"] == pytest.approx(
+            LAM * (1 - log[f"hkt/{AUTO_CARRIER}/gate_mean"]))
+
+
 # ---- cleanup after training and after errors -----------------------------------------------------------------------
 
 
@@ -261,11 +316,19 @@ def assert_clean(trainer: HKTTrainer, child: nn.Module, untouched: nn.Module) ->
     assert isinstance(trainer.hkt_adapter, HKTAdapter)
 
 
-def test_train_leaves_no_hooks_and_no_adapter(tmp_path):
+@pytest.fixture(scope="module")
+def learned_run(tmp_path_factory) -> tuple[HKTTrainer, nn.Module, nn.Module]:
+    """(trainer after train(), its child, an untouched copy of the child) with a learned gate and aligners."""
     child = H.tiny_vit(16)
     untouched = copy.deepcopy(child)
-    trainer = hkt_trainer(child, H.tiny_vit(32, seed=1), tmp_path, H.image_dataset(32), hkt_gate="learned")
+    trainer = hkt_trainer(child, H.tiny_vit(32, seed=1), tmp_path_factory.mktemp("learned"), H.image_dataset(32),
+                          hkt_gate="learned")
     trainer.train()
+    return trainer, child, untouched
+
+
+def test_train_leaves_no_hooks_and_no_adapter(learned_run):
+    trainer, child, untouched = learned_run
     assert_clean(trainer, child, untouched)
     assert any(not torch.equal(a, b) for a, b in zip(child.state_dict().values(), untouched.state_dict().values()))
 
@@ -329,14 +392,11 @@ def test_cleanup_after_exception_in_collator(tmp_path):
 # ---- saving, checkpoints and exact resume ----------------------------------------------------------------------
 
 
-def test_save_model_writes_the_plain_child_and_hkt_config(tmp_path):
-    child = H.tiny_vit(16)
-    plain_keys = list(copy.deepcopy(child).state_dict())
-    trainer = hkt_trainer(child, H.tiny_vit(32, seed=1), tmp_path, H.image_dataset(32), hkt_gate="learned")
-    trainer.train()
+def test_save_model_writes_the_plain_child_and_hkt_config(learned_run, tmp_path):
+    trainer, child, untouched = learned_run
     trainer.save_model(str(tmp_path / "final"))
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "final")
-    assert list(loaded.state_dict()) == plain_keys
+    assert list(loaded.state_dict()) == list(untouched.state_dict())
     for key, value in child.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
     config = json.loads((tmp_path / "final" / HKT_CONFIG_NAME).read_text())
@@ -366,37 +426,6 @@ def test_checkpoints_keep_the_adapter_and_resume_is_exact(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     for a, b in zip(full.hkt_adapter.state_dict().values(), resumed.hkt_adapter.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-
-
-# ---- logging ------------------------------------------------------------------------------------------------
-
-
-def test_logged_gate_statistics_are_means_over_the_logged_steps(tmp_path, monkeypatch):
-    steps = []
-    original = HKTObjective.__call__
-
-    def recording_call(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        steps.append(result)
-        return result
-
-    monkeypatch.setattr(HKTObjective, "__call__", recording_call)
-    trainer = hkt_trainer(H.tiny_vit(16), H.tiny_vit(32, seed=1), tmp_path, H.image_dataset(64), max_steps=4,
-                          logging_steps=2)
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert [h["step"] for h in logs] == [2, 4] and len(steps) == 4
-    for log, window in zip(logs, (steps[:2], steps[2:])):
-        gates = [s.gates[AUTO_CARRIER] for s in window]
-        assert log[f"hkt/{AUTO_CARRIER}/gate_mean"] == pytest.approx(np.mean([g.gate.mean().item() for g in gates]))
-        assert log[f"hkt/{AUTO_CARRIER}/mix_weight_mean"] == pytest.approx(
-            np.mean([g.weight.mean().item() for g in gates]))
-        for part in ("native", "child_mixed", "parent_head"):
-            assert log[f"hkt/loss_{part}"] == pytest.approx(np.mean([s.parts[part].item() for s in window]))
-        assert log["loss"] == pytest.approx(np.mean([s.loss.item() for s in window]), abs=1e-4)
-        # The genetic gate's weight is lambda * (1 - a) step by step, so also on average.
-        assert log[f"hkt/{AUTO_CARRIER}/mix_weight_mean"] == pytest.approx(
-            LAM * (1 - log[f"hkt/{AUTO_CARRIER}/gate_mean"]))
 
 
 # ---- the two-name swap in a typical image-classification script --------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from datasets import DatasetDict
 from transformers import (
@@ -18,6 +19,12 @@ from transformers import (
 import helpers as H
 from hkt_hf import HKTTrainer, HKTTrainingArguments
 from hkt_hf.config import HKT_CONFIG_NAME
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with H.one_torch_thread():
+        yield
 
 
 def test_typical_text_classification_script(tmp_path):
