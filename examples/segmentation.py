@@ -116,7 +116,7 @@ def load_data(args: argparse.Namespace) -> tuple[Any, Any, int]:
         train = make_pasted_segmentation(images["train"], args.train_scenes, args.data_seed, size=args.image_size)
         test = make_pasted_segmentation(images["test"], args.eval_scenes, args.data_seed + 1, size=args.image_size)
         num_labels = PASTED_LABELS
-    return (prepare_segmentation_dataset(train, processor, train=True, seed=args.data_seed),
+    return (prepare_segmentation_dataset(train, processor, train=True),
             prepare_segmentation_dataset(test, processor, train=False), num_labels)
 
 

@@ -93,18 +93,21 @@ def make_pasted_segmentation(
 
 
 def segmentation_transform(
-    processor: BaseImageProcessor, train: bool, image_column: str, mask_column: str, seed: int = 0
+    processor: BaseImageProcessor, train: bool, image_column: str, mask_column: str
 ) -> Callable[[dict[str, list]], dict[str, Any]]:
     """A batch transform for `Dataset.set_transform`: random horizontal flip of image and mask when `train`, then
-    the image processor, which resizes and normalises the image and resizes the mask (nearest) to the same size."""
-    generator = torch.Generator().manual_seed(seed)
+    the image processor, which resizes and normalises the image and resizes the mask (nearest) to the same size.
+
+    Flips come from torch's global generator, which `Trainer` seeds, so each run's augmentation depends on its own
+    seed only, not on what ran before it in the same process.
+    """
 
     def transform(batch: dict[str, list]) -> dict[str, Any]:
         images = [Image.fromarray(to_rgb_array(img)) for img in batch[image_column]]
         masks = [m if isinstance(m, Image.Image) else Image.fromarray(np.asarray(m, dtype=np.uint8))
                  for m in batch[mask_column]]
         if train:
-            flips = torch.rand(len(images), generator=generator) < 0.5
+            flips = torch.rand(len(images)) < 0.5
             images = [i.transpose(Image.FLIP_LEFT_RIGHT) if f else i for i, f in zip(images, flips)]
             masks = [m.transpose(Image.FLIP_LEFT_RIGHT) if f else m for m, f in zip(masks, flips)]
         out = processor(images, segmentation_maps=masks, return_tensors="pt")
@@ -113,15 +116,13 @@ def segmentation_transform(
     return transform
 
 
-def prepare_segmentation_dataset(
-    dataset: Dataset, processor: BaseImageProcessor, train: bool, seed: int = 0
-) -> Dataset:
+def prepare_segmentation_dataset(dataset: Dataset, processor: BaseImageProcessor, train: bool) -> Dataset:
     """Attach the on-the-fly transform (use `remove_unused_columns=False`); finds the image and mask columns."""
     if len(dataset) == 0:
         raise ValueError("The segmentation dataset is empty.")
     image_column = find_column(dataset.column_names, SCENE_IMAGE_COLUMNS, "image")
     mask_column = find_column(dataset.column_names, MASK_COLUMNS, "segmentation mask")
-    dataset.set_transform(segmentation_transform(processor, train, image_column, mask_column, seed))
+    dataset.set_transform(segmentation_transform(processor, train, image_column, mask_column))
     return dataset
 
 

@@ -98,7 +98,11 @@ def test_paste_scene_later_objects_occlude_earlier_ones():
 
 
 def test_prepared_scenes_give_pixel_values_and_full_resolution_labels(scenes):
+    torch.manual_seed(0)
     batch = scenes[:4]
+    torch.manual_seed(0)  # flips follow torch's global generator, which the Trainer seeds: same seed, same flips
+    assert torch.equal(scenes[:4]["pixel_values"], batch["pixel_values"])
+    assert not torch.equal(scenes[:16]["pixel_values"], scenes[:16]["pixel_values"])  # yet they are random
     assert batch["pixel_values"].shape == (4, 3, SIZE, SIZE)
     assert batch["labels"].shape == (4, SIZE, SIZE) and batch["labels"].dtype == torch.int64
     assert set(batch["labels"].unique().tolist()) <= set(range(NUM_CLASSES + 1))
