@@ -89,7 +89,7 @@ def probe(
     shapes, replay_ok = [], replay
     for model, specs, role in ((parent, [c.parent for c in carriers], "parent"),
                                (child, [c.child for c in carriers], "child")):
-        was_training = model.training
+        modes = {module: module.training for module in model.modules()}  # per module: keeps a train-bn parent
         model.eval()
         try:
             with FeatureExtractor(model, specs, role=role) as ext:
@@ -98,7 +98,8 @@ def probe(
                 head = model.get_submodule(specs[0].module)
                 replay_ok = torch.allclose(head(ext.features[0]).float(), out.logits.float(), atol=1e-5, rtol=1e-4)
         finally:
-            model.train(was_training)
+            for module, training in modes.items():
+                module.training = training
         missing = [str(specs[i]) for i in range(len(specs)) if i not in ext.features]
         if missing:
             raise ValueError(f"The {role} forward pass never ran carrier module(s) {missing}; pick modules it uses.")
