@@ -170,13 +170,23 @@ class HKTObjective:
 
     def _truncated_passes(self, child, adapter, inputs, q):
         gates: dict[int, GateOutput] = {}
+        parent_features: dict[int, torch.Tensor] = {}
 
         def into_parent(i: int, h: torch.Tensor) -> torch.Tensor:
             gates[i] = adapter.mix(i, q[i], h)
+            parent_features[i] = h
             return adapter.into_parent(i, gates[i].mixed, h.dtype)
 
+        replaced = False
+
         def into_child(i: int, feature: torch.Tensor) -> torch.Tensor:
-            return gates[i].mixed.to(feature.dtype)
+            # Up to the first replacement the pass equals the plain one, so that carrier reuses m (whose q carries the
+            # graph); later carriers mix the feature as changed by the mixing upstream, as on the parent side.
+            nonlocal replaced
+            if not replaced:
+                replaced = True
+                return gates[i].mixed.to(feature.dtype)
+            return adapter.mix(i, feature, parent_features[i]).mixed.to(feature.dtype)
 
         specs = [c.parent for c in self.carriers]
         with torch.no_grad(), FeatureExtractor(self.parent, specs, into_parent, grad_after_replace=True, role="parent"):

@@ -150,6 +150,35 @@ def test_deep_map_carrier_loss_equals_hand_computation(resnets, cifar_batch, tmp
     torch.testing.assert_close(loss, expected, rtol=0, atol=1e-5)
 
 
+def test_two_carriers_compose_downstream_in_both_networks(resnets, cifar_batch, tmp_path):
+    """layer2 and layer3 at once: each network's layer3 runs on the mixed layer2 map, and its layer3 output is mixed
+    again (the child's mixed pass mixes the feature it computed from m2, not the one of its plain pass)."""
+    child, parent, parent_ref = resnets
+    trainer = hkt_trainer(child, parent, tmp_path, hkt_carriers=["resnet.layer2=resnet.layer2",
+                                                                 "resnet.layer3=resnet.layer3"])
+    child.train()
+    loss = trainer.compute_loss(child, cifar_batch)
+
+    pixels, labels = cifar_batch["pixel_values"], cifar_batch["labels"]
+
+    def stem_to_layer2(net: nn.Module) -> torch.Tensor:
+        r = net.resnet
+        return r.layer2(r.layer1(F.relu(r.bn1(r.conv1(pixels)))))
+
+    q2 = stem_to_layer2(child)
+    q3 = child.resnet.layer3(q2)
+    with torch.no_grad():
+        h2 = stem_to_layer2(parent_ref)
+    m2 = genetic_mix(q2, h2)
+    h3 = parent_ref.resnet.layer3(m2)
+    m3_parent = genetic_mix(q3, h3)
+    m3_child = genetic_mix(child.resnet.layer3(m2), h3)
+    expected = (F.cross_entropy(child.classifier(q3.mean((2, 3))), labels)
+                + F.cross_entropy(child.classifier(m3_child.mean((2, 3))), labels)
+                + F.cross_entropy(parent_ref.classifier(m3_parent.mean((2, 3))), labels))
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-5)
+
+
 def test_deep_carrier_with_aligners_runs_the_parent_downstream(resnets, cifar_batch, tmp_path):
     """parent layer2 [32, 16, 16] -> child layer3 [64, 8, 8]: T is conv + pooling, T' conv + upsampling, and the
     parent-head term runs the parent's layer3 on T'(m)."""
