@@ -203,3 +203,23 @@ class ForwardCounter:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+def train_between_child_only_evaluations(trainer, parent: nn.Module, test_dataset) -> tuple[dict, dict, Any]:
+    """evaluate, train, evaluate, predict; asserts that the parent runs during training only.
+
+    Returns the metrics before and after training and the prediction output.
+    """
+    counter = ForwardCounter(parent)
+    try:
+        before = trainer.evaluate()
+        assert counter.calls == 0
+        trainer.train()
+        assert counter.calls > 0
+        counter.calls = 0
+        after = trainer.evaluate()
+        prediction = trainer.predict(test_dataset)
+        assert counter.calls == 0
+    finally:
+        counter.remove()
+    return before, after, prediction

@@ -474,18 +474,7 @@ def test_typical_image_classification_script(tmp_path):
     child, parent = H.tiny_vit(16), H.tiny_vit(32, layers=2, seed=1)
     trainer = HKTTrainer(model=child, args=args, train_dataset=dataset["train"], eval_dataset=dataset["test"],
                          data_collator=DefaultDataCollator(), compute_metrics=H.accuracy, parent_model=parent)
-    counter = H.ForwardCounter(parent)
-    try:
-        before = trainer.evaluate()
-        assert counter.calls == 0
-        trainer.train()
-        assert counter.calls > 0
-        counter.calls = 0
-        after = trainer.evaluate()
-        prediction = trainer.predict(dataset["test"])
-        assert counter.calls == 0
-    finally:
-        counter.remove()
+    before, after, prediction = H.train_between_child_only_evaluations(trainer, parent, dataset["test"])
     native = [h["hkt/loss_native"] for h in trainer.state.log_history if "loss" in h]
     assert native[-1] < 0.8 * native[0]
     assert after["eval_loss"] < 0.8 * before["eval_loss"] and after["eval_accuracy"] > before["eval_accuracy"]

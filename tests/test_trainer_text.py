@@ -46,18 +46,7 @@ def test_typical_text_classification_script(tmp_path):
         processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=H.accuracy,
         parent_model=parent,
     )
-    counter = H.ForwardCounter(parent)
-    try:
-        before = trainer.evaluate()
-        assert counter.calls == 0
-        trainer.train()
-        assert counter.calls > 0
-        counter.calls = 0
-        after = trainer.evaluate()
-        prediction = trainer.predict(dataset["test"])
-        assert counter.calls == 0
-    finally:
-        counter.remove()
+    before, after, prediction = H.train_between_child_only_evaluations(trainer, parent, dataset["test"])
 
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert {"hkt/loss_native", "hkt/loss_child_mixed", "hkt/loss_parent_head", "hkt/loss_kd"} <= set(logs[0])
