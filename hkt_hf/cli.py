@@ -251,14 +251,18 @@ def _load_split(name: str, split: str):
     return _pick_split(_load_dataset(name), name, split)
 
 
-def _label_count(split) -> int:
-    """Classes of a split's label column: its ClassLabel size, else the largest label + 1."""
+def _label_column(split) -> str:
     from .data import LABEL_COLUMNS, find_column
 
     try:
-        column = find_column(split.column_names, LABEL_COLUMNS, "label")
+        return find_column(split.column_names, LABEL_COLUMNS, "label")
     except ValueError as err:
         raise CliError(f"{err} Image classification needs an integer label column.") from err
+
+
+def _label_count(split) -> int:
+    """Classes of a split's label column: its ClassLabel size, else the largest label + 1."""
+    column = _label_column(split)
     return getattr(split.features[column], "num_classes", None) or int(max(split[column])) + 1
 
 
@@ -609,13 +613,16 @@ def _demo_task(args: argparse.Namespace):
     })
     labels = _label_count(splits["train"])
     parent = _load_model(args.parent) if args.parent else None
+    # Built-in models get the parent's label names (HKT checks that they match), else the dataset's.
+    names = getattr(splits["train"].features[_label_column(splits["train"])], "names", None)
+    id2label = dict(parent.config.id2label) if parent is not None else dict(enumerate(names or map(str, range(labels))))
     source = args.child or args.parent
     processor = _load_processor(source) if source else cifar_image_processor()
     if args.child:
         _load_model(args.child)  # fail now, with the CLI's message, rather than in the middle of the runs
         make_child = lambda seed: _load_model(args.child)  # noqa: E731
     else:
-        make_child = lambda seed: cifar_resnet(8, (4, 8, 16), labels, 3, seed)  # noqa: E731
+        make_child = lambda seed: cifar_resnet(8, (4, 8, 16), labels, 3, seed, id2label)  # noqa: E731
     probe = make_child(0)
     for role, model in (("child", probe), ("parent", parent)):
         if model is not None and model.config.num_labels < labels:
@@ -628,7 +635,8 @@ def _demo_task(args: argparse.Namespace):
     return DemoTask(
         name=f"{args.dataset} ({len(splits['train'])} train / {len(splits['test'])} test images)",
         train=prepared["train"], test=prepared["test"], make_child=make_child, parent=parent,
-        make_parent=None if parent is not None else (lambda seed: cifar_resnet(14, (16, 32, 64), labels, 3, seed)),
+        make_parent=None if parent is not None else (lambda seed: cifar_resnet(14, (16, 32, 64), labels, 3, seed,
+                                                                               id2label)),
     )
 
 
@@ -664,7 +672,10 @@ def demo_command(args: argparse.Namespace) -> int:
     recipe = DemoRecipe() if args.epochs is None else DemoRecipe(epochs=args.epochs)
     print(f"HKT demo on {task.name}: parent, then child alone, KD and HKT for seed(s) "
           f"{', '.join(map(str, args.seeds))}")
-    report = run_demo(task, args.output_dir, seeds=args.seeds, recipe=recipe, progress=not args.no_progress)
+    try:
+        report = run_demo(task, args.output_dir, seeds=args.seeds, recipe=recipe, progress=not args.no_progress)
+    except (ValueError, TypeError) as err:  # e.g. a parent and child HKT cannot pair
+        raise CliError(str(err)) from err
     table = format_table(report)
     out = Path(args.output_dir)
     (out / "demo.txt").write_text(table + "\n")
