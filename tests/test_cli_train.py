@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -147,6 +146,14 @@ def test_child_with_too_few_labels_is_refused(capsys, tmp_path, resnet20_dir, ti
     code, _, err = run(capsys, "train", "--child", tmp_path / "three", "--parent", resnet20_dir,
                        "--dataset", tiny_cifar_dir, "--output_dir", tmp_path / "out", "--use_cpu")
     assert code == 2 and "The child predicts 3 classes but the dataset has 10" in err
+
+
+@pytest.mark.parametrize("name", ["push", "demo"])
+def test_push_and_demo_help_show_examples(capsys, name):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([name, "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and f"hkt-hf {name}" in out.split("examples:")[1]
 
 
 def test_train_help_teaches(capsys):
