@@ -239,7 +239,7 @@ def format_table(report: DemoReport) -> str:
     """The comparison table: test top-1 (mean ± std over seeds when several), parameters, HKT gate statistics."""
     n = len(report.seeds)
     top1 = f"test top-1 %, {n} seed{'s' if n > 1 else ''}" + (" (mean ± std)" if n > 1 else "")
-    header = f"{'run':<12} | {top1:<32} | {'parameters':>10} | {'mean gate a':>14} | {'mean mixing weight':>18}"
+    header = f"{'run':<12} | {top1:<34} | {'parameters':>10} | {'mean gate a':>14} | {'mean mixing weight':>18}"
     lines = [f"HKT demo on {report.task}", f"recipe: {report.recipe.epochs} epochs, batch {report.recipe.batch_size}, "
              f"{report.recipe.optim} lr {report.recipe.learning_rate:g}, {report.recipe.lr_scheduler_type} schedule, "
              f"child seeds {', '.join(map(str, report.seeds))} (initial weights and data order, shared by the three "
@@ -249,7 +249,7 @@ def format_table(report: DemoReport) -> str:
         gate = [r.gate_mean for r in runs if r.gate_mean is not None] if name == "HKT" else []
         mix = [r.mix_weight_mean for r in runs if r.mix_weight_mean is not None] if name == "HKT" else []
         lines.append(
-            f"{name:<12} | {_summary([r.accuracy for r in runs]):<32} | {runs[0].parameters:>10,} | "
+            f"{name:<12} | {_summary([r.accuracy for r in runs]):<34} | {runs[0].parameters:>10,} | "
             f"{_summary(gate, 3) if gate else '-':>14} | {_summary(mix, 3) if mix else '-':>18}"
         )
     alone, hkt, kd = (mean(r.accuracy for r in report.by_name(k)) for k in ("child alone", "HKT", "KD"))
