@@ -76,7 +76,7 @@ def test_adapter_is_trained_and_identical_on_both_ranks(one_and_two_processes, s
     assert two["adapter_rank_diff"] == 0.0
     # The learned lambda moved away from its 0.6 start, identically with 1 and 2 processes: its gradient was
     # computed outside the child's own forward and still all-reduced.
-    assert two["lambda"] and all(abs(lam - 0.6) > 1e-3 for lam in two["lambda"])
+    assert two["lambda"] and all(abs(lam - 0.6) > 10 * LOSS_TOLERANCE for lam in two["lambda"])
     assert one["lambda"] == pytest.approx(two["lambda"], abs=LOSS_TOLERANCE)
 
 
