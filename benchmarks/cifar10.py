@@ -1,7 +1,7 @@
 """Final test accuracy of a ResNet-20 child trained alone, with KD and with HKT, on the shared CIFAR-10 (JPEG).
 
 One recipe for every method (SGD lr 0.01 momentum 0.9 weight decay 1e-4, batch 128, cosine schedule to 0, random
-crop pad 4 + flip, ImageNet mean/std, bf16 autocast with channels-last weights, a fixed number of optimizer steps):
+crop pad 4 + flip, ImageNet mean/std, fp32, a fixed number of optimizer steps):
 
 1. Parent: the pretrained ResNet-56, first adapted to the JPEG training split with this recipe (cached).
 2. Child: the pretrained ResNet-20, trained by each method with the same recipe, for every seed.
@@ -49,7 +49,7 @@ from common import (  # noqa: E402
     decoded_split,
     load_pretrained,
     recipe_args,
-    set_fast_cpu,
+    prepare,
 )
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments  # noqa: E402
@@ -74,7 +74,7 @@ DESCRIPTIONS = {
     "hkt+kd": "HKT reference + KD term (T = 4, weight 1)",
     "hkt-agreement": "HKT with the agreement gate (w = lambda * a)",
 }
-FULL = dict(steps=1000, parent_steps=300, train_rows=None, test_rows=None, batch_size=BATCH_SIZE)
+FULL = dict(steps=400, parent_steps=150, train_rows=None, test_rows=None, batch_size=BATCH_SIZE)
 QUICK = dict(steps=6, parent_steps=3, train_rows=512, test_rows=200, batch_size=32)
 
 
@@ -133,7 +133,7 @@ def adapted_parent(rec: dict[str, Any], data, cache: Path) -> tuple[torch.nn.Mod
     info_path = folder / "adaptation.json"
     if not info_path.exists():
         train_ds, test_ds = data
-        model = set_fast_cpu(load_pretrained("resnet56"))
+        model = prepare(load_pretrained("resnet56"), rec["bf16"])
         trainer = Trainer(model, recipe_args(TrainingArguments, cache / "tmp-parent", 0, rec["parent_steps"],
                                              rec["bf16"], rec["batch_size"]),
                           train_dataset=train_ds, data_collator=image_collator())
@@ -144,7 +144,7 @@ def adapted_parent(rec: dict[str, Any], data, cache: Path) -> tuple[torch.nn.Mod
                 "logs": final_logs(trainer), "init": CHECKPOINTS["resnet56"]}
         atomic_write_json(info_path, info)
     info = json.loads(info_path.read_text())
-    parent = set_fast_cpu(AutoModelForImageClassification.from_pretrained(folder)).eval()
+    parent = prepare(AutoModelForImageClassification.from_pretrained(folder), rec["bf16"]).eval()
     return parent, info
 
 
@@ -157,7 +157,7 @@ def run_all(opts: argparse.Namespace) -> Path:
     settings = dict(QUICK if opts.quick else FULL)
     if opts.steps:
         settings["steps"] = opts.steps
-    rec = recipe(settings, bf16=not opts.fp32)
+    rec = recipe(settings, bf16=opts.bf16)
     out: Path = opts.out or (CACHE / "quick-results" if opts.quick else RESULTS)
     path = out / RESULTS_NAME
     results = load_results(path, rec)
@@ -187,7 +187,7 @@ def run_all(opts: argparse.Namespace) -> Path:
                 print(f"skip {key}: already in {path}", flush=True)
                 continue
             print(f"run {key} ({rec['steps']} steps)", flush=True)
-            child = set_fast_cpu(load_pretrained("resnet20"))
+            child = prepare(load_pretrained("resnet20"), rec["bf16"])
             trainer = trainer_for(method, child, cache / "tmp-runs", seed, rec, data[0], parent)
             seconds = train(trainer, rec["bf16"])
             child = trainer.model
@@ -249,8 +249,9 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"final accuracy in fp32 on {test} test images, measured once after the last step.",
         "",
         "Commands: " + "; ".join(
-            f"`{c['argv']}` ({c['started']}" + (f", {c['wall_s'] / 60:.0f} min" if "wall_s" in c else ", interrupted")
-            + ")" for c in results["commands"]
+            f"`{c['argv']}` ({c['started']}, "
+            + (f"{c['wall_s'] / 60:.0f} min" if "wall_s" in c else "not finished: running or interrupted") + ")"
+            for c in results["commands"]
         ),
     ]
     return "\n".join(lines)
@@ -299,6 +300,7 @@ def model_card(results: dict[str, Any]) -> str | None:
               "lam": 0.6, "loss_weights": [1.0, 1.0, 1.0], "kd_weight": 0.0}
     config.update({k.removeprefix("hkt_").replace("lambda", "lam"): v for k, v in (METHODS[best] or {}).items()})
     params = sum(p.numel() for p in load_pretrained("resnet20").parameters())
+    per_seed = ", ".join(f"{a:.2f}" for a in row["acc"])
     baseline = lambda m: (f"{rows[m]['mean']:.2f} +- {rows[m]['std']:.2f} ({len(rows[m]['acc'])} seeds)"  # noqa: E731
                           if m in rows else "not run yet")
     return f"""---
@@ -321,7 +323,7 @@ accuracy (so the variant, though not any checkpoint or epoch, was chosen on the 
 
 | model | accuracy |
 |---|---|
-| this recipe, {best} | {row['mean']:.2f} +- {row['std']:.2f} ({len(row['acc'])} seeds: {', '.join(f'{a:.2f}' for a in row['acc'])}) |
+| this recipe, {best} | {row['mean']:.2f} +- {row['std']:.2f} ({len(row['acc'])} seeds: {per_seed}) |
 | same recipe, child alone | {baseline('child')} |
 | same recipe, KD (T = 4) | {baseline('kd')} |
 | pretrained ResNet-20, before training | {ref.get('pretrained-child', float('nan')):.2f} |
@@ -378,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["child", "kd", "hkt"], choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2 (--quick: 0)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per child run (part of the recipe)")
-    parser.add_argument("--fp32", action="store_true", help="train without bf16 autocast (part of the recipe)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast + channels-last (faster, but lost accuracy in a check; part of the recipe)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     opts = parser.parse_args(argv)
     if opts.report:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import sys
 import tempfile
 from collections.abc import Callable
@@ -41,12 +42,14 @@ from common import (  # noqa: E402
     MOMENTUM,
     WEIGHT_DECAY,
     CifarTensors,
+    atomic_write_json,
+    atomic_write_text,
     decoded_split,
     load_pretrained,
     median,
     recipe_args,
     round_robin,
-    set_fast_cpu,
+    prepare,
     timed,
 )
 
@@ -121,10 +124,10 @@ def reference_step(child: torch.nn.Module, parent: torch.nn.Module, lam: float =
 
 def build_methods(out_dir: Path, bf16: bool) -> tuple[dict[str, Step], HKTTrainer]:
     """Fresh pretrained child and parent copies for every method, so their updates never interact."""
-    child0, parent0 = set_fast_cpu(load_pretrained("resnet20")), set_fast_cpu(load_pretrained("resnet56"))
+    child0, parent0 = prepare(load_pretrained("resnet20"), bf16), prepare(load_pretrained("resnet56"), bf16)
     parent0.requires_grad_(False)
     fresh = lambda m: copy.deepcopy(m)  # noqa: E731
-    common = dict(seed=0, max_steps=1000, bf16=False)  # autocast is applied around each step, for every method
+    common = dict(seed=0, max_steps=1000, bf16=False)  # with --bf16, autocast wraps each step of every method
     plain = Trainer(fresh(child0), recipe_args(TrainingArguments, out_dir / "child", **common))
     kd = KDTrainer(fresh(child0), recipe_args(TrainingArguments, out_dir / "kd", **common), parent=fresh(parent0))
     hkt = HKTTrainer(fresh(child0), recipe_args(HKTTrainingArguments, out_dir / "hkt", **common),
@@ -226,8 +229,9 @@ def run(quick: bool, bf16: bool, threads: int | None) -> dict[str, Any]:
         "saved_mib": {k: v / mib for k, v in saved.items()},
         "inference_s": infer_s,
         "settings": {
-            "quick": quick, "precision": "bf16 autocast, channels-last" if bf16 else "fp32, channels-last",
-            "batch_size": batch_size, "memory": "saved-for-backward bytes per step, parameters excluded", "repeats": repeats, "latency_repeats": latency_repeats,
+            "quick": quick, "precision": "bf16 autocast, channels-last" if bf16 else "fp32",
+            "batch_size": batch_size, "memory": "saved-for-backward bytes per step, parameters excluded",
+            "repeats": repeats, "latency_repeats": latency_repeats,
             "threads": torch.get_num_threads(), "child": "resnet20", "parent": "resnet56",
             "inference": f"fp32, batch {batch_size}, eval, no_grad",
         },
@@ -255,17 +259,18 @@ def table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats: a smoke run under 2 minutes")
-    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast (default: bf16 autocast, as cifar10.py)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast + channels-last (default fp32, as cifar10.py)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON result to this file")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the result to this .json file and its table to the same name with .md")
     args = parser.parse_args(argv)
-    result = run(args.quick, not args.fp32, args.threads)
+    result = run(args.quick, args.bf16, args.threads)
+    result["command"] = shlex.join(["python", "benchmarks/step_cost.py", *(argv if argv is not None else sys.argv[1:])])
     print(table(result))
-    line = json.dumps(result, sort_keys=True)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    print(line)
+        atomic_write_json(args.out, result)
+        atomic_write_text(args.out.with_suffix(".md"), f"# Step cost\n\n`{result['command']}`\n\n{table(result)}\n")
+    print(json.dumps(result, sort_keys=True))
     return 0
 
 
