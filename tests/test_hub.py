@@ -88,7 +88,9 @@ torch.save({"pixels": pixels, "logits": logits}, work / "expected.pt")
 
 def hub_env(hf_home: Path, **extra: str) -> dict[str, str]:
     """The environment of a Hub subprocess: its own HF_HOME, no proxy, nothing inherited that points elsewhere."""
-    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("HF_")}
+    # huggingface_hub also reads TRANSFORMERS_OFFLINE as offline mode (CI sets it).
+    env = {k: v for k, v in os.environ.items()
+           if not k.upper().endswith("_PROXY") and not k.startswith("HF_") and k != "TRANSFORMERS_OFFLINE"}
     env.update(HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
                NO_PROXY="127.0.0.1,localhost", TOKENIZERS_PARALLELISM="false", **extra)
     return env
