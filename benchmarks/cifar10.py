@@ -299,7 +299,7 @@ def model_card(results: dict[str, Any]) -> str | None:
     config = {"parent": "ResNet-56 adapted to JPEG CIFAR-10 (see Lineage)", "carriers": ["auto"], "gate": "genetic",
               "lam": 0.6, "loss_weights": [1.0, 1.0, 1.0], "kd_weight": 0.0}
     config.update({k.removeprefix("hkt_").replace("lambda", "lam"): v for k, v in (METHODS[best] or {}).items()})
-    params = sum(p.numel() for p in load_pretrained("resnet20").parameters())
+    params = load_pretrained("resnet20").num_parameters()
     per_seed = ", ".join(f"{a:.2f}" for a in row["acc"])
     baseline = lambda m: (f"{rows[m]['mean']:.2f} +- {rows[m]['std']:.2f} ({len(rows[m]['acc'])} seeds)"  # noqa: E731
                           if m in rows else "not run yet")

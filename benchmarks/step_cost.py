@@ -186,10 +186,6 @@ def measure(steps: dict[str, Step], batches: list[dict[str, torch.Tensor]], repe
     return times
 
 
-def parameter_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def run(quick: bool, bf16: bool, threads: int | None) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
@@ -223,8 +219,8 @@ def run(quick: bool, bf16: bool, threads: int | None) -> dict[str, Any]:
         "hkt_over_child": step_s["hkt"] / step_s["child"],
         "peak_mem_hkt_over_kd": saved["hkt"] / saved["kd"],
         "export_latency_ratio": infer_s["exported_child"] / infer_s["plain_child"],
-        "params_exported_child": parameter_count(exported),
-        "params_plain_child": parameter_count(plain),
+        "params_exported_child": exported.num_parameters(),
+        "params_plain_child": plain.num_parameters(),
         "step_s": step_s,
         "saved_mib": {k: v / mib for k, v in saved.items()},
         "inference_s": infer_s,

@@ -126,7 +126,7 @@ def import_checkpoint_command(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CliError(str(err)) from err
     out_dir = Path(args.out_dir).resolve()
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = model.num_parameters()
     print(f"Imported {args.src}: CIFAR ResNet depth {model.config.depth}, {n_params:,} parameters, "
           f"{model.config.num_labels} labels.")
     print(f"Saved to {out_dir} ({', '.join(sorted(p.name for p in out_dir.iterdir()))}).")

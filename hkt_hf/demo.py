@@ -160,10 +160,6 @@ def training_arguments(output_dir: Path, recipe: DemoRecipe, seed: int, steps_pe
     )
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def train_one(name: str, model: nn.Module, task: DemoTask, recipe: DemoRecipe, seed: int, work_dir: Path,
               parent: nn.Module | None = None, progress: bool = True, **hkt: Any) -> tuple[RunResult, nn.Module]:
     """Train `model` (with `HKTTrainer` when a parent is given), then measure its top-1 on the test split."""
@@ -184,7 +180,7 @@ def train_one(name: str, model: nn.Module, task: DemoTask, recipe: DemoRecipe, s
     mix = [entry[k] for entry in history for k in entry if k.endswith("/mix_weight_mean")]
     device = args.device
     accuracy = top1_accuracy(trainer.model, task.test, batch_size=256, device=device, progress=False)
-    result = RunResult(name, seed, accuracy, parameter_count(trainer.model), seconds, curve,
+    result = RunResult(name, seed, accuracy, trainer.model.num_parameters(), seconds, curve,
                        mean(gate) if gate else None, mean(mix) if mix else None)
     return result, trainer.model
 
@@ -207,7 +203,7 @@ def run_demo(task: DemoTask, output_dir: str | Path, seeds: Sequence[int] = (0, 
         parent = task.parent
         device = training_arguments(work, recipe, seeds[0], 1).device
         accuracy = top1_accuracy(parent, task.test, batch_size=256, device=device, progress=False)
-        report.runs.append(RunResult("parent", seeds[0], accuracy, parameter_count(parent), 0.0, []))
+        report.runs.append(RunResult("parent", seeds[0], accuracy, parent.num_parameters(), 0.0, []))
     else:
         result, parent = train_one("parent", task.make_parent(seeds[0]), task, recipe, seeds[0], work,
                                    progress=progress)
