@@ -225,8 +225,6 @@ def _load_dataset(name: str):
             f"No dataset at {name}. Pass a folder of <split>.parquet files, a .parquet file, or a Hub dataset id "
             "such as uoft-cs/cifar10."
         )
-    if Path(name).is_file() and Path(name).suffix != ".parquet":
-        raise CliError(f"{name} is not a .parquet file. Pass a folder of <split>.parquet files or one .parquet file.")
     try:
         dataset = load_image_dataset(name)
     except FileNotFoundError as err:

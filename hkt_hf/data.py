@@ -31,6 +31,8 @@ def load_image_dataset(name_or_path: str = CIFAR10_HUB_ID, **kwargs: Any) -> Dat
         if not path.is_file():
             raise FileNotFoundError(f"No parquet file at {path}.")
         return load_dataset("parquet", data_files={path.stem: str(path)}, **kwargs)
+    if path.is_file():
+        raise ValueError(f"{path} is not a .parquet file. Pass a folder of <split>.parquet files or one .parquet file.")
     return load_dataset(name_or_path, **kwargs)
 
 

@@ -69,6 +69,9 @@ def test_load_reports_missing_files(tmp_path):
         load_image_dataset(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="No parquet file"):
         load_image_dataset(str(tmp_path / "absent.parquet"))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="is not a .parquet file"):
+        load_image_dataset(str(tmp_path / "config.json"))
 
 
 def test_to_rgb_array_converts_modes():
