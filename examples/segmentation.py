@@ -23,15 +23,12 @@ The last line prints one JSON object with every metric.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from comparison import KDTrainer, cached_parent, last_gate_logs, run_all, summarize, write_result
 from transformers import (
     SegformerConfig,
     SegformerForSemanticSegmentation,
@@ -44,7 +41,6 @@ from transformers import (
 from hkt_hf import HKTTrainer, HKTTrainingArguments
 from hkt_hf.data import CIFAR10_HUB_ID, load_image_dataset, strided_subset
 from hkt_hf.dense_data import evaluate_segmentation, make_pasted_segmentation, prepare_segmentation_dataset
-from hkt_hf.objective import kd_loss
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 PASTED_LABELS = 11  # background + 10 CIFAR classes
@@ -126,23 +122,6 @@ def build_model(sizes: dict, num_labels: int, seed: int) -> SegformerForSemantic
     return SegformerForSemanticSegmentation(config)
 
 
-class KDTrainer(Trainer):
-    """The KD baseline: the child's task loss plus per-pixel Hinton KD from the frozen parent (training only)."""
-
-    def __init__(self, *args: Any, teacher: torch.nn.Module, kd_weight: float, temperature: float, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
-        self.kd_weight, self.temperature = kd_weight, temperature
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        if model.training:
-            with torch.no_grad():
-                teacher_logits = self.teacher(pixel_values=inputs["pixel_values"]).logits
-            loss = loss + self.kd_weight * kd_loss(outputs.logits, teacher_logits, self.temperature)
-        return (loss, outputs) if return_outputs else loss
-
-
 def training_kwargs(args: argparse.Namespace, output_dir: Path, epochs: float, seed: int) -> dict[str, Any]:
     return dict(
         output_dir=str(output_dir), num_train_epochs=epochs, per_device_train_batch_size=args.batch_size,
@@ -153,27 +132,16 @@ def training_kwargs(args: argparse.Namespace, output_dir: Path, epochs: float, s
 
 
 def train_parent(args: argparse.Namespace, train, num_labels: int) -> SegformerForSemanticSegmentation:
-    """Train the parent on the task once; later runs with the same settings load it from the cache."""
     settings = dict(PARENT, num_labels=num_labels, epochs=args.parent_epochs, lr=args.lr, batch=args.batch_size,
                     dataset=args.dataset or "pasted", images=args.images, size=args.image_size,
                     scenes=args.train_scenes, data_seed=args.data_seed, reduce=args.reduce_labels)
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    path = Path(args.output_dir) / f"parent-{key}"
-    if (path / "config.json").is_file():
-        print(f"Loading the cached parent from {path}", file=sys.stderr)
-        return SegformerForSemanticSegmentation.from_pretrained(path)
-    parent = build_model(PARENT, num_labels, seed=0)
-    trainer = Trainer(parent, TrainingArguments(**training_kwargs(args, path / "run", args.parent_epochs, 0)),
-                      train_dataset=train)
-    trainer.train()
-    parent.save_pretrained(path)
-    return parent
 
+    def fit(model: SegformerForSemanticSegmentation, run_dir: Path) -> None:
+        Trainer(model, TrainingArguments(**training_kwargs(args, run_dir, args.parent_epochs, 0)),
+                train_dataset=train).train()
 
-def last_gate_logs(trainer: Trainer) -> dict[str, float]:
-    """The gate statistics of the last training log (mean gate a and mixing weight per carrier)."""
-    logs = [log for log in trainer.state.log_history if any(k.startswith("hkt/") for k in log)]
-    return {k: round(v, 4) for k, v in logs[-1].items() if k.endswith(("gate_mean", "mix_weight_mean"))} if logs else {}
+    return cached_parent(args.output_dir, settings, SegformerForSemanticSegmentation,
+                         lambda: build_model(PARENT, num_labels, seed=0), fit)
 
 
 def run_child(args, method: str, seed: int, parent, train, test, num_labels: int) -> dict[str, Any]:
@@ -195,18 +163,7 @@ def run_child(args, method: str, seed: int, parent, train, test, num_labels: int
     result.update({k: round(v, 2) for k, v in evaluate_segmentation(child, test, num_labels).items()})
     if method == "hkt":
         result["gates"] = last_gate_logs(trainer)
-    print(json.dumps(result), file=sys.stderr)
     return result
-
-
-def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean and spread of mIoU per method over the seeds."""
-    summary = {}
-    for method in dict.fromkeys(r["method"] for r in runs):
-        values = [r["mean_iou"] for r in runs if r["method"] == method]
-        summary[method] = {"mean_iou": round(statistics.mean(values), 2),
-                           "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0, "seeds": len(values)}
-    return summary
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -215,8 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train, test, num_labels = load_data(args)
     parent = train_parent(args, train, num_labels)
     parent_scores = {k: round(v, 2) for k, v in evaluate_segmentation(parent, test, num_labels).items()}
-    runs = [run_child(args, method, seed, parent, train, test, num_labels)
-            for seed in args.seeds for method in ("alone", "kd", "hkt")]
+    runs = run_all(args, ["alone", "kd", "hkt"], lambda m, s: run_child(args, m, s, parent, train, test, num_labels))
     result = {
         "command": "python examples/segmentation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "data": args.dataset or f"pasted CIFAR-10, {args.image_size}x{args.image_size}, data_seed {args.data_seed}",
@@ -224,13 +180,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "parent": {**parent_scores, "params": parent.num_parameters()},
         "child_params": build_model(CHILD, num_labels, 0).num_parameters(),
         "carriers": args.carriers, "gate": args.gate, "epochs": args.epochs, "parent_epochs": args.parent_epochs,
-        "seeds": args.seeds, "summary": summarize(runs), "runs": runs,
+        "seeds": args.seeds, "summary": summarize(runs, "mean_iou"), "runs": runs,
         "total_seconds": round(time.perf_counter() - start, 1),
     }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    write_result(result, args.json)
     return result
 
 

@@ -13,6 +13,7 @@ HKT_CONFIG_NAME = "hkt_config.json"
 FORMAT_VERSION = 1
 PARENT_MODES = ("eval", "train-bn")
 NONFINITE_POLICIES = ("stop", "skip")
+KD_LOSSES = ("kl", "l1", "mse")
 
 
 @dataclass
@@ -28,6 +29,7 @@ class HKTConfig:
     parent_mode: str = "eval"
     kd_weight: float = 0.0
     kd_temperature: float = 4.0
+    kd_loss: str = "kl"
     on_nonfinite: str = "stop"
     child_architecture: str | None = None
     format_version: int = FORMAT_VERSION
@@ -48,6 +50,11 @@ class HKTConfig:
             raise ValueError(f"hkt_kd_weight must be >= 0, got {self.kd_weight}.")
         if self.kd_temperature <= 0:
             raise ValueError(f"hkt_kd_temperature must be > 0, got {self.kd_temperature}.")
+        if self.kd_loss not in KD_LOSSES:
+            raise ValueError(
+                f"hkt_kd_loss must be one of {KD_LOSSES} ('kl' for logits, 'l1' or 'mse' for regression outputs such "
+                f"as optical flow), got '{self.kd_loss}'."
+            )
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"hkt_on_nonfinite must be one of {NONFINITE_POLICIES}, got '{self.on_nonfinite}'.")
         if not self.carriers:

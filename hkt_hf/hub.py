@@ -298,7 +298,7 @@ def format_lineage(cfg: HKTConfig) -> str:
     """A few readable lines on where a child comes from and how it was trained."""
     parent = cfg.parent or "unrecorded"
     revision = f" @ {cfg.parent_revision}" if cfg.parent_revision else " (revision not pinned)"
-    kd = f"weight {cfg.kd_weight}, temperature {cfg.kd_temperature}" if cfg.kd_weight else "off"
+    kd = f"{cfg.kd_loss}, weight {cfg.kd_weight}, temperature {cfg.kd_temperature}" if cfg.kd_weight else "off"
     weights = ", ".join(f"{w:g}" for w in cfg.loss_weights)
     return "\n".join(
         [

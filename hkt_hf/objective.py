@@ -48,16 +48,32 @@ def classification_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Te
     return ForSequenceClassificationLoss(labels, logits.float(), model.config)
 
 
-def kd_loss(child_logits: torch.Tensor, parent_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton's distillation term: T^2 * KL(softmax(parent / T) || softmax(child / T)), in fp32.
+def kd_loss(child_logits: torch.Tensor, parent_logits: torch.Tensor, temperature: float, kind: str = "kl"
+            ) -> torch.Tensor:
+    """The classic distillation term, in fp32.
 
-    Dense logits [B, C, H, W] (class dimension 1, e.g. semantic segmentation) are distilled per pixel.
+    `kind="kl"`: Hinton's T^2 * KL(softmax(parent / T) || softmax(child / T)); dense logits [B, C, H, W] (class
+    dimension 1, e.g. semantic segmentation) are distilled per pixel. `"l1"` / `"mse"`: mean absolute / squared
+    difference of the predictions, for regression outputs (e.g. optical flow) where there is no softmax.
     """
+    if kind != "kl":
+        diff = child_logits.float() - parent_logits.float()
+        return diff.abs().mean() if kind == "l1" else diff.square().mean()
     if child_logits.ndim == 4:
         child_logits, parent_logits = child_logits.movedim(1, -1), parent_logits.movedim(1, -1)
     c = child_logits.float().flatten(0, -2) / temperature
     p = parent_logits.float().flatten(0, -2) / temperature
     return F.kl_div(F.log_softmax(c, -1), F.log_softmax(p, -1), reduction="batchmean", log_target=True) * temperature**2
+
+
+def prediction(outputs: Any) -> torch.Tensor:
+    """What a model predicts: its `logits`, or else its first tensor output besides the loss (`predicted_flow`...)."""
+    if getattr(outputs, "logits", None) is not None:
+        return outputs.logits
+    for key, value in outputs.items():
+        if key != "loss" and isinstance(value, torch.Tensor):
+            return value
+    raise ValueError(f"Cannot find the prediction in {type(outputs).__name__} (fields {list(outputs.keys())}) for KD.")
 
 
 def model_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -148,8 +164,9 @@ class HKTObjective:
         if self.config.kd_weight > 0:
             if parent_logits is None:
                 with torch.no_grad():
-                    parent_logits = self.parent(**model_inputs(inputs)).logits
-            parts["kd"] = kd_loss(outputs.logits, parent_logits, self.config.kd_temperature)
+                    parent_logits = prediction(self.parent(**model_inputs(inputs)))
+            cfg = self.config
+            parts["kd"] = kd_loss(prediction(outputs), parent_logits, cfg.kd_temperature, cfg.kd_loss)
             loss = loss + self.config.kd_weight * parts["kd"]
         if not torch.isfinite(loss):
             raise NonFiniteLossError(describe_nonfinite(parts, q, gates, self.carriers))

@@ -44,7 +44,14 @@ class HKTTrainingArguments(TrainingArguments):
         metadata={"help": "'eval' (frozen statistics) or 'train-bn' (batch-norm in train mode, as the reference code)."},
     )
     hkt_kd_weight: float = field(default=0.0, metadata={"help": "Weight of an optional classic KD term (0 = off)."})
-    hkt_kd_temperature: float = field(default=4.0, metadata={"help": "Temperature of the KD term."})
+    hkt_kd_temperature: float = field(default=4.0, metadata={"help": "Temperature of the KD term ('kl' only)."})
+    hkt_kd_loss: str = field(
+        default="kl",
+        metadata={
+            "help": "KD term: 'kl' (Hinton, on logits) or, for regression outputs such as optical flow, 'l1' or "
+            "'mse' between the child's and the parent's predictions."
+        },
+    )
     hkt_on_nonfinite: str = field(
         default="stop",
         metadata={
@@ -69,6 +76,7 @@ class HKTTrainingArguments(TrainingArguments):
             parent_mode=self.hkt_parent_mode,
             kd_weight=self.hkt_kd_weight,
             kd_temperature=self.hkt_kd_temperature,
+            kd_loss=self.hkt_kd_loss,
             on_nonfinite=self.hkt_on_nonfinite,
         )
         values.update(overrides)

@@ -233,6 +233,7 @@ def test_gate_is_computed_per_spatial_position_for_segformer_maps(tmp_path, scen
 
 
 def test_segmentation_example_quick_run(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "examples"))  # as when run as a script: it imports examples/comparison.py
     spec = importlib.util.spec_from_file_location("segmentation_example", REPO / "examples" / "segmentation.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

@@ -8,6 +8,7 @@ from .cifar_resnet import (
     CifarResNetForImageClassification,
     CifarResNetModel,
 )
+from .raft import RaftConfig, RaftForOpticalFlow
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -15,6 +16,8 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 AutoConfig.register(CifarResNetConfig.model_type, CifarResNetConfig, exist_ok=True)
 AutoModel.register(CifarResNetConfig, CifarResNetModel, exist_ok=True)
 AutoModelForImageClassification.register(CifarResNetConfig, CifarResNetForImageClassification, exist_ok=True)
+AutoConfig.register(RaftConfig.model_type, RaftConfig, exist_ok=True)
+AutoModel.register(RaftConfig, RaftForOpticalFlow, exist_ok=True)  # transformers has no optical-flow Auto class
 
 
 def cifar_image_processor(size: int = 32) -> ViTImageProcessorPil:
@@ -38,5 +41,7 @@ __all__ = [
     "CifarResNetConfig",
     "CifarResNetForImageClassification",
     "CifarResNetModel",
+    "RaftConfig",
+    "RaftForOpticalFlow",
     "cifar_image_processor",
 ]
