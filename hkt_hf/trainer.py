@@ -223,7 +223,9 @@ class HKTTrainer(Trainer):
         """The objective under the run's autocast, inside the forward of any wrapper (DDP, DeepSpeed) around the child.
 
         A wrapper only synchronises parameters used inside its forward; running the whole objective there makes
-        aligners, learned gates and replayed heads part of it: reduced once, never reported unused.
+        aligners, learned gates and replayed heads part of it: reduced once, never reported unused. FSDP2 shards the
+        child in place (no wrapper), so the objective runs after the root's forward: Accelerate leaves the root's
+        parameters (head, `hkt_adapter`) unsharded until backward, and sharded submodules gather on every call.
         """
 
         def step() -> StepResult:

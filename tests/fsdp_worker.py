@@ -1,0 +1,144 @@
+"""A tiny HKT run through the Trainer with Accelerate's FSDP2 path on CPU (gloo), for `tests/test_fsdp.py`.
+
+Usage: python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_worker.py OUT.json [--per-device-batch N]
+       python tests/fsdp_worker.py OUT.json          (1 process, no FSDP: the reference run)
+       python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_worker.py OUT.json --per-device-batch 4 \
+           --deepspeed {2,3}                         (DeepSpeed ZeRO-2/3 on CPU instead of FSDP2; needs `deepspeed`,
+                                                      not a project dependency: run by hand, see docs/distributed.md)
+
+Accelerate selects FSDP only for GPU-type backends: with `use_cpu` it sets `distributed_type` to MULTI_CPU and drops
+the FSDP plugin, so the Trainer silently trains with DDP; without `use_cpu` on a CPU-only host the Trainer refuses
+with "Using fsdp only works in distributed training." `CPUFSDPTrainer` therefore does, after the Trainer has built
+its Accelerator on gloo, the three assignments Accelerate's `AcceleratorState.__init__` makes when it selects FSDP on
+a GPU backend (`distributed_type = FSDP`, `fsdp_plugin = ...`, the same type copied to `PartialState`). Everything
+after that is unmodified transformers and Accelerate code: `Accelerator.prepare` -> `fsdp2_prepare_model`
+(`fully_shard` of each `ViTLayer`, of the patch embedding, of the final norm and of the root, which holds the head
+and `hkt_adapter`), FSDP2's optimizer handling, `get_state_dict` for `save_model`.
+
+Rank 0 writes, per setting: the logged loss trajectory and `hkt/*` logs, where FSDP placed the child's and the
+parent's parameters, the learned-gate lambdas (gathered from their shards) and the saved child's folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dist_worker import GLOBAL_BATCH, SETTINGS, STEPS  # noqa: E402
+from helpers import image_dataset, tiny_vit, training_args  # noqa: E402
+
+from hkt_hf import HKTTrainer  # noqa: E402
+
+# Accelerate's default FSDP2 wrap policy (the model's `_no_split_modules`) makes ViTEmbeddings a unit and then calls
+# `fully_shard` on `get_input_embeddings()` (the patch embedding inside it) again, which fails in accelerate 1.15 with
+# "TypeError: Invariant encountered: value was None when it should not be". Wrapping the layers only avoids that.
+FSDP_CONFIG = {"version": 2, "transformer_layer_cls_to_wrap": ["ViTLayer"], "state_dict_type": "FULL_STATE_DICT"}
+
+
+class CPUFSDPTrainer(HKTTrainer):
+    """`HKTTrainer` whose Accelerator runs the FSDP2 path on CPU processes (see the module docstring)."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if state.distributed_type != DistributedType.MULTI_CPU:
+            raise RuntimeError(f"expected Accelerate's MULTI_CPU state under torchrun, got {state.distributed_type}")
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate/state.py does
+        self.is_fsdp_enabled = True
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def sharded(param: torch.Tensor) -> bool:
+    """Sharded by FSDP2 (a DTensor) or partitioned by DeepSpeed ZeRO-3 (carries a `ds_id`)."""
+    return isinstance(param, DTensor) or hasattr(param, "ds_id")
+
+
+def learned_lambdas(adapter: torch.nn.Module) -> list[float]:
+    gates = [g for g in adapter.gates if hasattr(g, "lam_logit")]
+    if any(hasattr(g.lam_logit, "ds_id") for g in gates):  # ZeRO-3: gather the partitions to read them
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([g.lam_logit for g in gates]):
+            return [float(torch.sigmoid(g.lam_logit.detach())) for g in gates]
+    return [float(torch.sigmoid(full(g.lam_logit).detach())) for g in gates]
+
+
+def deepspeed_config(stage: int) -> dict:
+    """ZeRO-`stage` in fp32 with the Trainer's own AdamW (DeepSpeed's FusedAdam would need a C++ build first)."""
+    return {
+        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+        "zero_allow_untested_optimizer": True, "bf16": {"enabled": False}, "fp16": {"enabled": False},
+    }
+
+
+def run(name: str, hkt: dict, per_device_batch: int, output_dir: str, fsdp: bool, zero_stage: int = 0) -> dict:
+    parent, child = tiny_vit(32, layers=2, seed=1), tiny_vit(16, layers=2, seed=2)
+    parent_before = {k: v.clone() for k, v in parent.state_dict().items()}
+    extra = dict(fsdp=True, fsdp_config=dict(FSDP_CONFIG)) if fsdp else {}
+    if zero_stage:
+        fsdp, extra = False, dict(deepspeed=deepspeed_config(zero_stage))
+    args = training_args(
+        output_dir, per_device_train_batch_size=per_device_batch, max_steps=STEPS, learning_rate=5e-3, **extra, **hkt
+    )
+    trainer = (CPUFSDPTrainer if fsdp else HKTTrainer)(
+        child, args, train_dataset=image_dataset(GLOBAL_BATCH * STEPS), parent_model=parent
+    )
+    trainer.train()
+    history = [log for log in trainer.state.log_history if "loss" in log]
+    adapter = trainer.hkt_adapter
+    saved = f"{output_dir}/child"
+    trainer.save_model(saved)  # the plain child (adapter removed), gathered from the shards on rank 0
+    return {
+        "losses": [log["loss"] for log in history],
+        "hkt_logs": [{k: v for k, v in log.items() if k.startswith("hkt/")} for log in history],
+        "world_size": trainer.args.world_size,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "fsdp_units": sorted(n for n, m in trainer.model.named_modules() if isinstance(m, FSDPModule)),
+        "child_params_sharded": all(sharded(p) for p in trainer.model.parameters()),
+        "adapter_params_sharded": all(sharded(p) for p in adapter.parameters()),
+        "adapter_in_child_after_train": any("hkt_adapter" in n for n, _ in trainer.model.named_parameters()),
+        "lambda": learned_lambdas(adapter),
+        "parent_is_fsdp": any(isinstance(m, FSDPModule) for m in parent.modules()),
+        "parent_params_sharded": any(sharded(p) for p in parent.parameters()),
+        "parent_requires_grad": any(p.requires_grad for p in parent.parameters()),
+        "parent_changed": max(float((v - parent_before[k]).abs().max()) for k, v in parent.state_dict().items()),
+        "saved": saved,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--per-device-batch", type=int, default=GLOBAL_BATCH)
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS))
+    parser.add_argument("--deepspeed", type=int, choices=[2, 3], default=0, help="ZeRO stage instead of FSDP2")
+    cli = parser.parse_args()
+    torch.set_num_threads(1)
+    out = Path(cli.out)
+    fsdp = dist.is_available() and dist.is_torchelastic_launched()
+    results = {
+        name: run(name, SETTINGS[name], cli.per_device_batch, str(out.parent / name), fsdp, cli.deepspeed)
+        for name in cli.settings
+    }
+    if not (dist.is_initialized() and dist.get_rank() != 0):
+        out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
