@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import transformers
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, hf_hub_download, upload_folder
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RemoteEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
@@ -108,6 +109,13 @@ def _architecture_suffix(architecture: str | None) -> str | None:
     return match.group(1) if match else None
 
 
+def _auto_class(suffix: str | None) -> str:
+    """The transformers Auto class that loads such a model: `AutoModel<suffix>` where transformers has one (there is
+    no `AutoModelForOpticalFlow`, say; built-in RAFT children register with `AutoModel`)."""
+    name = f"AutoModel{suffix}" if suffix else "AutoModel"
+    return name if hasattr(transformers, name) else "AutoModel"
+
+
 def _metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
     return {key.removeprefix("eval_"): float(value) for key, value in (metrics or {}).items()}
 
@@ -163,7 +171,7 @@ def render_model_card(
         model_name=model_name,
         hkt=hkt_config,
         parent_on_hub=bool(card_data.base_model),
-        auto_class=f"AutoModel{suffix}" if suffix else "AutoModel",
+        auto_class=_auto_class(suffix),
         dataset=dataset,
         metric_rows=_metric_rows(child, parent),
         recipe=[(key, value) for key, value in (training_recipe or {}).items() if value is not None],

@@ -179,6 +179,11 @@ def test_hkt_trains_raft_small_from_raft_with_several_carriers(tmp_path, pairs, 
     assert type(loaded) is RaftForOpticalFlow and loaded.config.variant == "small"
     assert not any("hkt_adapter" in k for k in loaded.state_dict())
     assert HKTConfig.from_json_file(tmp_path / "child" / "hkt_config.json").carriers == carriers
+    trainer.args.output_dir = str(tmp_path / "child")
+    trainer.create_model_card(model_name="hkt-raft-small")
+    card = (tmp_path / "child" / "README.md").read_text()
+    # transformers has no AutoModelForOpticalFlow: the card must name the Auto class that loads it.
+    assert "AutoModel.from_pretrained(" in card and "AutoModelForOpticalFlow" not in card
 
 
 # ---- the example --------------------------------------------------------------------------------------------------
