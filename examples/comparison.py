@@ -10,6 +10,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -120,9 +121,21 @@ def run_all(args: Any, methods: list[str], run: Callable[[str, int], dict[str, A
     return runs
 
 
-def write_result(result: dict[str, Any], json_path: str | None) -> None:
-    """Print the final metrics as one JSON line, and write them to `json_path` if given."""
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+def write_result(script: str, argv: list[str] | None, args: Any, started: float, parent: PreTrainedModel,
+                 parent_scores: dict[str, float], child: PreTrainedModel, runs: list[dict[str, Any]], metric: str,
+                 **details: Any) -> dict[str, Any]:
+    """Gather a comparison's result (command, `details`, parent, per-run and per-method `metric`), print it as one
+    JSON line, write it to `args.json` if given, and return it."""
+    result = {
+        "command": f"python examples/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **details,
+        "parent": {**parent_scores, "params": parent.num_parameters()},
+        "child_params": child.num_parameters(),
+        "seeds": args.seeds, "summary": summarize(runs, metric), "runs": runs,
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
+    return result

@@ -25,12 +25,11 @@ The last line printed is one JSON object with every metric.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from comparison import KDTrainer, cached_parent, last_gate_logs, run_all, summarize, write_result
+from comparison import KDTrainer, cached_parent, last_gate_logs, run_all, write_result
 from transformers import Trainer, TrainingArguments, set_seed
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments
@@ -139,21 +138,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parent = train_parent(args, train)
     parent_scores = {k: round(v, 3) for k, v in evaluate_flow(parent, test).items()}
     runs = run_all(args, args.methods, lambda m, s: run_child(args, m, s, parent, train, test))
-    result = {
-        "command": "python examples/optical_flow.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "data": f"known warps of {args.images or 'CIFAR-10'} images, {args.size}x{args.size}, "
-                f"data_seed {args.data_seed}",
-        "train_pairs": len(train), "eval_pairs": len(test), "iters": args.iters,
-        "parent": {**parent_scores, "params": parent.num_parameters()},
-        "child_params": build_model("small", args, 0).num_parameters(),
-        "carriers": {m: CARRIERS[m] for m in args.methods if m in CARRIERS}, "gate": args.gate,
-        "steps": args.steps, "parent_steps": args.parent_steps, "batch_size": args.batch_size,
-        "seeds": args.seeds, "summary": summarize(runs, "epe"), "runs": runs,
-        "total_seconds": round(time.perf_counter() - start, 1),
-    }
-    write_result(result, args.json)
-    return result
-
+    return write_result(
+        "optical_flow.py", argv, args, start, parent, parent_scores, build_model("small", args, 0), runs, "epe",
+        data=f"known warps of {args.images or 'CIFAR-10'} images, {args.size}x{args.size}, data_seed {args.data_seed}",
+        train_pairs=len(train), eval_pairs=len(test), iters=args.iters,
+        carriers={m: CARRIERS[m] for m in args.methods if m in CARRIERS}, gate=args.gate, steps=args.steps,
+        parent_steps=args.parent_steps, batch_size=args.batch_size,
+    )
 
 if __name__ == "__main__":
     main()

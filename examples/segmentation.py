@@ -23,12 +23,11 @@ The last line prints one JSON object with every metric.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from comparison import KDTrainer, cached_parent, last_gate_logs, run_all, summarize, write_result
+from comparison import KDTrainer, cached_parent, last_gate_logs, run_all, write_result
 from transformers import (
     SegformerConfig,
     SegformerForSemanticSegmentation,
@@ -173,19 +172,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parent = train_parent(args, train, num_labels)
     parent_scores = {k: round(v, 2) for k, v in evaluate_segmentation(parent, test, num_labels).items()}
     runs = run_all(args, ["alone", "kd", "hkt"], lambda m, s: run_child(args, m, s, parent, train, test, num_labels))
-    result = {
-        "command": "python examples/segmentation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "data": args.dataset or f"pasted CIFAR-10, {args.image_size}x{args.image_size}, data_seed {args.data_seed}",
-        "train_rows": len(train), "eval_rows": len(test), "num_labels": num_labels,
-        "parent": {**parent_scores, "params": parent.num_parameters()},
-        "child_params": build_model(CHILD, num_labels, 0).num_parameters(),
-        "carriers": args.carriers, "gate": args.gate, "epochs": args.epochs, "parent_epochs": args.parent_epochs,
-        "seeds": args.seeds, "summary": summarize(runs, "mean_iou"), "runs": runs,
-        "total_seconds": round(time.perf_counter() - start, 1),
-    }
-    write_result(result, args.json)
-    return result
-
+    return write_result(
+        "segmentation.py", argv, args, start, parent, parent_scores, build_model(CHILD, num_labels, 0), runs,
+        "mean_iou",
+        data=args.dataset or f"pasted CIFAR-10, {args.image_size}x{args.image_size}, data_seed {args.data_seed}",
+        train_rows=len(train), eval_rows=len(test), num_labels=num_labels, carriers=args.carriers, gate=args.gate,
+        epochs=args.epochs, parent_epochs=args.parent_epochs,
+    )
 
 if __name__ == "__main__":
     main()
