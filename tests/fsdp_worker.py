@@ -3,8 +3,8 @@
 Usage: python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_worker.py OUT.json [--per-device-batch N]
        python tests/fsdp_worker.py OUT.json          (1 process, no FSDP: the reference run)
        python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_worker.py OUT.json --per-device-batch 4 \
-           --deepspeed {2,3}                         (DeepSpeed ZeRO-2/3 on CPU instead of FSDP2; needs `deepspeed`,
-                                                      not a project dependency: run by hand, see docs/distributed.md)
+           --deepspeed {2,3}                         (DeepSpeed ZeRO-2/3 on CPU instead of FSDP2, for
+                                                      `tests/test_deepspeed.py`; `deepspeed` is in the `dev` extra)
 
 Accelerate selects FSDP only for GPU-type backends: with `use_cpu` it sets `distributed_type` to MULTI_CPU and drops
 the FSDP plugin, so the Trainer silently trains with DDP; without `use_cpu` on a CPU-only host the Trainer refuses
@@ -15,8 +15,11 @@ after that is unmodified transformers and Accelerate code: `Accelerator.prepare`
 (`fully_shard` of each `ViTLayer`, of the patch embedding, of the final norm and of the root, which holds the head
 and `hkt_adapter`), FSDP2's optimizer handling, `get_state_dict` for `save_model`.
 
-Rank 0 writes, per setting: the logged loss trajectory and `hkt/*` logs, where FSDP placed the child's and the
-parent's parameters, the learned-gate lambdas (gathered from their shards) and the saved child's folder.
+With `--deepspeed N` the Trainer itself builds a `DeepSpeedEngine` on each process (DeepSpeed's CPU accelerator, gloo;
+no shim needed): see `deepspeed_config` and `DEEPSPEED_SHM_OP`.
+
+Rank 0 writes, per setting: the logged loss trajectory and `hkt/*` logs, where FSDP or ZeRO placed the child's and
+the parent's parameters, the learned-gate lambdas (gathered from their shards) and the saved child's folder.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_worker import GLOBAL_BATCH, SETTINGS, STEPS  # noqa: E402
-from helpers import image_dataset, tiny_vit, training_args  # noqa: E402
+from helpers import image_dataset, one_torch_thread, tiny_vit, training_args  # noqa: E402
 
 from hkt_hf import HKTTrainer  # noqa: E402
 
@@ -78,16 +81,50 @@ def learned_lambdas(adapter: torch.nn.Module) -> list[float]:
     return [float(torch.sigmoid(full(g.lam_logit).detach())) for g in gates]
 
 
+# On CPU, DeepSpeed's comm backend compiles its shared-memory op (C++, ~35 s on 2 cores, needs g++) when it starts,
+# but uses it only for `inference_all_reduce` (deepspeed/comm/torch.py, 0.19.8): training collectives go through
+# torch.distributed (gloo) either way. Marking the op incompatible, in the dict DeepSpeed probes before building it
+# (`deepspeed.ops.__compatible_ops__`), skips the build and changes nothing that training uses.
+DEEPSPEED_SHM_OP = "deepspeed_shm_comm"
+
+
 def deepspeed_config(stage: int) -> dict:
-    """ZeRO-`stage` in fp32 with the Trainer's own AdamW (DeepSpeed's FusedAdam would need a C++ build first)."""
+    """ZeRO-`stage` in fp32 with the Trainer's own AdamW (DeepSpeed's FusedAdam would need a C++ build first).
+
+    ZeRO-3 keeps every parameter under `stage3_param_persistence_threshold` (default 1e5 elements) whole on every
+    rank, which would be every parameter of these tiny models: 0 makes it partition them all, so that the child's
+    forward, the head replay, the truncated passes and the adapter really run through ZeRO-3's gather hooks."""
     return {
-        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "zero_optimization": {
+            "stage": stage, "stage3_gather_16bit_weights_on_model_save": True, "stage3_param_persistence_threshold": 0,
+        },
         "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
         "zero_allow_untested_optimizer": True, "bf16": {"enabled": False}, "fp16": {"enabled": False},
     }
 
 
+def zero_partitioning(trainer: HKTTrainer, adapter: torch.nn.Module) -> dict:
+    """How ZeRO split the child's and adapter's state across the processes, as seen on this rank."""
+    engine = trainer.model_wrapped
+    params = list(trainer.model.parameters()) + list(adapter.parameters())
+    info = {
+        "engine": type(engine).__name__,
+        "stage": engine.zero_optimization_stage(),
+        "optimizer": type(engine.optimizer).__name__,
+        "trainable_numel": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+    }
+    if info["stage"] == 3:  # parameters: a local slice `ds_tensor` each, the full `.data` released outside forward
+        info["param_numel"] = [[p.ds_numel, p.ds_tensor.numel(), p.data.numel()] for p in params]
+    else:  # ZeRO-2: whole parameters on every rank, the fp32 master weights and Adam's state partitioned
+        info["fp32_partition_numel"] = sum(t.numel() for t in engine.optimizer.single_partition_of_fp32_groups)
+    return info
+
+
 def run(name: str, hkt: dict, per_device_batch: int, output_dir: str, fsdp: bool, zero_stage: int = 0) -> dict:
+    if zero_stage:
+        import deepspeed
+
+        deepspeed.ops.__compatible_ops__[DEEPSPEED_SHM_OP] = False
     parent, child = tiny_vit(32, layers=2, seed=1), tiny_vit(16, layers=2, seed=2)
     parent_before = {k: v.clone() for k, v in parent.state_dict().items()}
     extra = dict(fsdp=True, fsdp_config=dict(FSDP_CONFIG)) if fsdp else {}
@@ -103,8 +140,10 @@ def run(name: str, hkt: dict, per_device_batch: int, output_dir: str, fsdp: bool
     history = [log for log in trainer.state.log_history if "loss" in log]
     adapter = trainer.hkt_adapter
     saved = f"{output_dir}/child"
+    zero = zero_partitioning(trainer, adapter) if zero_stage else None
     trainer.save_model(saved)  # the plain child (adapter removed), gathered from the shards on rank 0
     return {
+        "zero": zero,
         "losses": [log["loss"] for log in history],
         "hkt_logs": [{k: v for k, v in log.items() if k.startswith("hkt/")} for log in history],
         "world_size": trainer.args.world_size,
@@ -120,6 +159,13 @@ def run(name: str, hkt: dict, per_device_batch: int, output_dir: str, fsdp: bool
         "parent_changed": max(float((v - parent_before[k]).abs().max()) for k, v in parent.state_dict().items()),
         "saved": saved,
     }
+
+
+def one_process_runs(folder: Path) -> dict:
+    """The reference the tests compare with: every setting with the plain trainer in the calling process, the whole
+    global batch on it (what `python tests/fsdp_worker.py OUT.json` writes)."""
+    with one_torch_thread():
+        return {name: run(name, hkt, GLOBAL_BATCH, str(folder / name), fsdp=False) for name, hkt in SETTINGS.items()}
 
 
 def main() -> None:

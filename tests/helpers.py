@@ -1,9 +1,14 @@
 """Builders shared by the HKT trainer tests: tiny transformers models from configs, small synthetic datasets, an
-offline word-level tokenizer, training arguments for fast CPU runs, and hook / adapter inspection.
+offline word-level tokenizer, training arguments for fast CPU runs, hook / adapter inspection, and a `torchrun`
+launcher for the multi-process tests.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -223,3 +228,33 @@ def train_between_child_only_evaluations(trainer, parent: nn.Module, test_datase
     finally:
         counter.remove()
     return before, after, prediction
+
+
+@contextmanager
+def torchrun_in_background(worker: Path, out: Path, *args: str, timeout: float = 240) -> Iterator[None]:
+    """Run `torchrun --standalone --nproc_per_node 2 WORKER OUT ARGS...` while the block runs (the tests run their
+    1-process reference there), then wait for it: an AssertionError with the end of its log if it fails or is not
+    done `timeout` seconds after the block. `--standalone` lets torchrun pick a free port itself, so several launches
+    may run at once. OUT's folder is created; the workers write their results under it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+               str(out), *args]
+    # A session of its own, so that a failure ends torchrun together with its workers.
+    launch = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+
+    def kill() -> str:
+        os.killpg(launch.pid, signal.SIGKILL)
+        return launch.communicate()[0]
+
+    try:
+        yield
+    except BaseException:
+        kill()
+        raise
+    try:
+        log, _ = launch.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"torchrun {' '.join(args)} did not finish within {timeout} s:\n{kill()[-4000:]}")
+    assert launch.returncode == 0, f"torchrun {' '.join(args)} failed (exit {launch.returncode}):\n{log[-6000:]}"

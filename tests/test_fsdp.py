@@ -8,9 +8,6 @@ The parent must stay whole, frozen and outside FSDP. See `fsdp_worker.py` for wh
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,40 +16,66 @@ from safetensors import safe_open
 from transformers import ViTForImageClassification
 
 from dist_worker import GLOBAL_BATCH, SETTINGS
-from fsdp_worker import run
-from helpers import tiny_vit
+from fsdp_worker import one_process_runs
+from helpers import tiny_vit, torchrun_in_background
 from hkt_hf.mixture import LearnedGate
-from test_distributed import LOSS_TOLERANCE, free_port
+from test_distributed import LOSS_TOLERANCE
 
 WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
 # Saved weights after 4 Adam steps: Adam divides each gradient by its running RMS, so the float32 rounding differences
 # that the loss tolerance covers (a few ulps, from summing in another order) become larger in weights whose gradient
-# is tiny. Measured: at most 5.9e-6, while training moves weights by up to 1.25e-2. 1e-4 leaves a 17x margin and is
-# still 100x below that movement (checked below, so the comparison is not vacuous).
+# is tiny. Measured: at most 5.9e-6 (FSDP2), 8.3e-6 (ZeRO-2/3), while training moves weights by up to 1.25e-2. 1e-4
+# leaves a 12x margin and is still 100x below that movement (checked below, so the comparison is not vacuous).
 WEIGHT_TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
 def one_and_two_processes(tmp_path_factory) -> tuple[dict, dict]:
-    """Launch the 2-process FSDP2 run in the background while the 1-process run goes on in this process."""
+    """Run the 2-process FSDP2 run in the background while the 1-process run goes on in this process."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    (tmp / "two").mkdir()
     out = tmp / "two" / "out.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(WORKER), str(out), "--per-device-batch", str(GLOBAL_BATCH // 2),
-    ]
-    launch = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    one = {name: run(name, hkt, GLOBAL_BATCH, str(tmp / "one" / name), fsdp=False) for name, hkt in SETTINGS.items()}
-    try:
-        log, _ = launch.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        launch.kill()
-        log, _ = launch.communicate()
-        pytest.fail(f"torchrun did not finish within 240 s:\n{log[-4000:]}")
-    assert launch.returncode == 0, f"torchrun failed (exit {launch.returncode}):\n{log[-6000:]}"
+    with torchrun_in_background(WORKER, out, "--per-device-batch", str(GLOBAL_BATCH // 2)):
+        one = one_process_runs(tmp / "one")
     return one, json.loads(out.read_text())
+
+
+# Checks shared with tests/test_deepspeed.py: `one` and `two` are one setting's results from `fsdp_worker.run`.
+
+
+def assert_parent_untouched(two: dict) -> None:
+    assert not two["parent_is_fsdp"] and not two["parent_params_sharded"]
+    assert not two["parent_requires_grad"]
+    assert two["parent_changed"] == 0.0
+
+
+def assert_same_trajectory(one: dict, two: dict) -> None:
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert len(one["losses"]) == len(two["losses"]) >= 4
+    assert one["losses"] == pytest.approx(two["losses"], abs=LOSS_TOLERANCE)
+    steps = torch.tensor(one["losses"]).diff().abs()
+    assert steps.min() > 100 * LOSS_TOLERANCE, "the loss barely moves, so the comparison would prove nothing"
+    for logs_one, logs_two in zip(one["hkt_logs"], two["hkt_logs"]):
+        assert logs_one.keys() == logs_two.keys() and logs_one
+        assert logs_one == pytest.approx(logs_two, abs=LOSS_TOLERANCE)
+    # The learned lambdas moved from their 0.6 start, identically: their gradients, computed after the child's own
+    # forward, were reduced across the processes.
+    assert two["lambda"] and all(abs(lam - 0.6) > 10 * LOSS_TOLERANCE for lam in two["lambda"])
+    assert one["lambda"] == pytest.approx(two["lambda"], abs=LOSS_TOLERANCE)
+
+
+def assert_saved_plain_child_like_one_process(one: dict, two: dict) -> None:
+    with safe_open(Path(two["saved"]) / "model.safetensors", "pt") as weights:
+        keys = list(weights.keys())
+    assert keys and not [k for k in keys if "hkt_adapter" in k]
+    assert (Path(two["saved"]) / "hkt_config.json").is_file()
+    model_one = ViTForImageClassification.from_pretrained(one["saved"])
+    model_two, info = ViTForImageClassification.from_pretrained(two["saved"], output_loading_info=True)
+    assert not any(info.values()), info
+    trained, start = model_two.state_dict(), tiny_vit(16, layers=2, seed=2).state_dict()  # the worker's child
+    moved = max(float((trained[k] - start[k]).abs().max()) for k in start)
+    assert moved > 100 * WEIGHT_TOLERANCE
+    for name, value in model_one.state_dict().items():
+        torch.testing.assert_close(trained[name], value, atol=WEIGHT_TOLERANCE, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -68,45 +91,21 @@ def test_fsdp2_runs_and_shards_the_child_with_its_adapter(one_and_two_processes,
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_parent_stays_whole_frozen_and_unchanged(one_and_two_processes, setting):
-    _, two = (runs[setting] for runs in one_and_two_processes)
-    assert not two["parent_is_fsdp"] and not two["parent_params_sharded"]
-    assert not two["parent_requires_grad"]
-    assert two["parent_changed"] == 0.0
+    assert_parent_untouched(one_and_two_processes[1][setting])
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_two_fsdp_processes_follow_the_one_process_trajectory(one_and_two_processes, setting):
     """Same global batches and maths as 1 process: the hooks captured and replaced features on FSDP units (the
     two-carrier setting hooks `vit.layers.0`, an FSDP unit), the head replay and the truncated passes saw unsharded
-    weights, and the adapter's gradients were reduce-scattered (else the shards would drift apart)."""
-    one, two = (runs[setting] for runs in one_and_two_processes)
-    assert len(one["losses"]) == len(two["losses"]) >= 4
-    assert one["losses"] == pytest.approx(two["losses"], abs=LOSS_TOLERANCE)
-    steps = torch.tensor(one["losses"]).diff().abs()
-    assert steps.min() > 100 * LOSS_TOLERANCE, "the loss barely moves, so the comparison would prove nothing"
-    for logs_one, logs_two in zip(one["hkt_logs"], two["hkt_logs"]):
-        assert logs_one.keys() == logs_two.keys() and logs_one
-        assert logs_one == pytest.approx(logs_two, abs=LOSS_TOLERANCE)
-    # The learned lambda is a parameter of the root FSDP group used only after the root's forward.
-    assert two["lambda"] and all(abs(lam - 0.6) > 10 * LOSS_TOLERANCE for lam in two["lambda"])
-    assert one["lambda"] == pytest.approx(two["lambda"], abs=LOSS_TOLERANCE)
+    weights, and the adapter's gradients were reduce-scattered (else the shards would drift apart). The learned
+    lambda is a parameter of the root FSDP group used only after the root's forward."""
+    assert_same_trajectory(*(runs[setting] for runs in one_and_two_processes))
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_fsdp_child_saves_as_a_plain_model_equal_to_the_one_process_child(one_and_two_processes, setting):
-    one, two = (runs[setting] for runs in one_and_two_processes)
-    with safe_open(Path(two["saved"]) / "model.safetensors", "pt") as weights:
-        keys = list(weights.keys())
-    assert keys and not [k for k in keys if "hkt_adapter" in k]
-    assert (Path(two["saved"]) / "hkt_config.json").is_file()
-    model_one = ViTForImageClassification.from_pretrained(one["saved"])
-    model_two, info = ViTForImageClassification.from_pretrained(two["saved"], output_loading_info=True)
-    assert not any(info.values()), info
-    trained, start = model_two.state_dict(), tiny_vit(16, layers=2, seed=2).state_dict()  # the worker's child
-    moved = max(float((trained[k] - start[k]).abs().max()) for k in start)
-    assert moved > 100 * WEIGHT_TOLERANCE
-    for name, value in model_one.state_dict().items():
-        torch.testing.assert_close(trained[name], value, atol=WEIGHT_TOLERANCE, rtol=0, msg=name)
+    assert_saved_plain_child_like_one_process(*(runs[setting] for runs in one_and_two_processes))
 
 
 def test_learned_gate_lambda_is_one_dimensional_and_loads_scalar_checkpoints():
