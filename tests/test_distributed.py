@@ -7,10 +7,6 @@ with no "unused parameter" or "marked ready twice" errors (the default `find_unu
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +14,7 @@ import torch
 from torch import nn
 
 from dist_worker import GLOBAL_BATCH, SETTINGS, run
+from helpers import torchrun_in_background
 from hkt_hf.trainer import forward_replaced
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
@@ -28,31 +25,13 @@ WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 LOSS_TOLERANCE = 1e-5
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def one_and_two_processes(tmp_path_factory) -> tuple[dict, dict]:
     """Launch the 2-process run in the background while the 1-process run goes on in this process."""
     tmp = tmp_path_factory.mktemp("ddp")
     out = tmp / "two.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(WORKER), str(out), "--per-device-batch", str(GLOBAL_BATCH // 2),
-    ]
-    launch = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    one = {name: run(name, hkt, GLOBAL_BATCH, str(tmp / name), bf16=False) for name, hkt in SETTINGS.items()}
-    try:
-        log, _ = launch.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        launch.kill()
-        log, _ = launch.communicate()
-        pytest.fail(f"torchrun did not finish within 240 s:\n{log[-4000:]}")
-    assert launch.returncode == 0, f"torchrun failed (exit {launch.returncode}):\n{log[-6000:]}"
+    with torchrun_in_background(WORKER, out, "--per-device-batch", str(GLOBAL_BATCH // 2)):
+        one = {name: run(name, hkt, GLOBAL_BATCH, str(tmp / name), bf16=False) for name, hkt in SETTINGS.items()}
     return one, json.loads(out.read_text())
 
 
