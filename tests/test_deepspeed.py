@@ -20,7 +20,7 @@ import pytest
 from dist_worker import GLOBAL_BATCH, SETTINGS
 from fsdp_worker import one_process_runs
 from helpers import torchrun_in_background
-from test_fsdp import assert_parent_untouched, assert_same_trajectory, assert_saved_plain_child_like_one_process
+from distributed_checks import assert_parent_untouched, assert_same_trajectory, assert_saved_plain_child_like_one_process
 
 WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
 STAGES = [2, 3]

@@ -12,21 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from transformers import ViTForImageClassification
 
 from dist_worker import GLOBAL_BATCH, SETTINGS
 from fsdp_worker import one_process_runs
-from helpers import tiny_vit, torchrun_in_background
+from distributed_checks import assert_parent_untouched, assert_same_trajectory, assert_saved_plain_child_like_one_process
+from helpers import torchrun_in_background
 from hkt_hf.mixture import LearnedGate
-from test_distributed import LOSS_TOLERANCE
 
 WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
-# Saved weights after 4 Adam steps: Adam divides each gradient by its running RMS, so the float32 rounding differences
-# that the loss tolerance covers (a few ulps, from summing in another order) become larger in weights whose gradient
-# is tiny. Measured: at most 5.9e-6 (FSDP2), 8.3e-6 (ZeRO-2/3), while training moves weights by up to 1.25e-2. 1e-4
-# leaves a 12x margin and is still 100x below that movement (checked below, so the comparison is not vacuous).
-WEIGHT_TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -37,45 +30,6 @@ def one_and_two_processes(tmp_path_factory) -> tuple[dict, dict]:
     with torchrun_in_background(WORKER, out, "--per-device-batch", str(GLOBAL_BATCH // 2)):
         one = one_process_runs(tmp / "one")
     return one, json.loads(out.read_text())
-
-
-# Checks shared with tests/test_deepspeed.py: `one` and `two` are one setting's results from `fsdp_worker.run`.
-
-
-def assert_parent_untouched(two: dict) -> None:
-    assert not two["parent_is_fsdp"] and not two["parent_params_sharded"]
-    assert not two["parent_requires_grad"]
-    assert two["parent_changed"] == 0.0
-
-
-def assert_same_trajectory(one: dict, two: dict) -> None:
-    assert (one["world_size"], two["world_size"]) == (1, 2)
-    assert len(one["losses"]) == len(two["losses"]) >= 4
-    assert one["losses"] == pytest.approx(two["losses"], abs=LOSS_TOLERANCE)
-    steps = torch.tensor(one["losses"]).diff().abs()
-    assert steps.min() > 100 * LOSS_TOLERANCE, "the loss barely moves, so the comparison would prove nothing"
-    for logs_one, logs_two in zip(one["hkt_logs"], two["hkt_logs"]):
-        assert logs_one.keys() == logs_two.keys() and logs_one
-        assert logs_one == pytest.approx(logs_two, abs=LOSS_TOLERANCE)
-    # The learned lambdas moved from their 0.6 start, identically: their gradients, computed after the child's own
-    # forward, were reduced across the processes.
-    assert two["lambda"] and all(abs(lam - 0.6) > 10 * LOSS_TOLERANCE for lam in two["lambda"])
-    assert one["lambda"] == pytest.approx(two["lambda"], abs=LOSS_TOLERANCE)
-
-
-def assert_saved_plain_child_like_one_process(one: dict, two: dict) -> None:
-    with safe_open(Path(two["saved"]) / "model.safetensors", "pt") as weights:
-        keys = list(weights.keys())
-    assert keys and not [k for k in keys if "hkt_adapter" in k]
-    assert (Path(two["saved"]) / "hkt_config.json").is_file()
-    model_one = ViTForImageClassification.from_pretrained(one["saved"])
-    model_two, info = ViTForImageClassification.from_pretrained(two["saved"], output_loading_info=True)
-    assert not any(info.values()), info
-    trained, start = model_two.state_dict(), tiny_vit(16, layers=2, seed=2).state_dict()  # the worker's child
-    moved = max(float((trained[k] - start[k]).abs().max()) for k in start)
-    assert moved > 100 * WEIGHT_TOLERANCE
-    for name, value in model_one.state_dict().items():
-        torch.testing.assert_close(trained[name], value, atol=WEIGHT_TOLERANCE, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))

@@ -1,0 +1,60 @@
+"""Checks shared by the multi-process tests (DDP, FSDP2, DeepSpeed): a 2-process run against the 1-process run
+with the same global batch and seed. `one` and `two` are one setting's results from the workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import ViTForImageClassification
+
+from helpers import tiny_vit
+
+# Both runs add the same per-sample fp32 losses and gradients, only in a different order (one batch mean versus
+# two half-batch means averaged by the all-reduce): each sum differs by a few float32 ulps (eps = 1.2e-7, the
+# losses are ~3), and 4 Adam steps keep it there (measured: at most 2.4e-7). 1e-5 leaves a 40x margin and is still
+# ~1000x below the step-to-step change of the loss, which the test also checks.
+LOSS_TOLERANCE = 1e-5
+# Saved weights after 4 Adam steps: Adam divides each gradient by its running RMS, so the float32 rounding differences
+# that the loss tolerance covers (a few ulps, from summing in another order) become larger in weights whose gradient
+# is tiny. Measured: at most 5.9e-6 (FSDP2), 8.3e-6 (ZeRO-2/3), while training moves weights by up to 1.25e-2. 1e-4
+# leaves a 12x margin and is still 100x below that movement (checked below, so the comparison is not vacuous).
+WEIGHT_TOLERANCE = 1e-4
+
+
+def assert_parent_untouched(two: dict) -> None:
+    assert not two["parent_is_fsdp"] and not two["parent_params_sharded"]
+    assert not two["parent_requires_grad"]
+    assert two["parent_changed"] == 0.0
+
+
+def assert_same_trajectory(one: dict, two: dict) -> None:
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert len(one["losses"]) == len(two["losses"]) >= 4
+    assert one["losses"] == pytest.approx(two["losses"], abs=LOSS_TOLERANCE)
+    steps = torch.tensor(one["losses"]).diff().abs()
+    assert steps.min() > 100 * LOSS_TOLERANCE, "the loss barely moves, so the comparison would prove nothing"
+    for logs_one, logs_two in zip(one["hkt_logs"], two["hkt_logs"]):
+        assert logs_one.keys() == logs_two.keys() and logs_one
+        assert logs_one == pytest.approx(logs_two, abs=LOSS_TOLERANCE)
+    # The learned lambdas moved from their 0.6 start, identically: their gradients, computed after the child's own
+    # forward, were reduced across the processes.
+    assert two["lambda"] and all(abs(lam - 0.6) > 10 * LOSS_TOLERANCE for lam in two["lambda"])
+    assert one["lambda"] == pytest.approx(two["lambda"], abs=LOSS_TOLERANCE)
+
+
+def assert_saved_plain_child_like_one_process(one: dict, two: dict) -> None:
+    with safe_open(Path(two["saved"]) / "model.safetensors", "pt") as weights:
+        keys = list(weights.keys())
+    assert keys and not [k for k in keys if "hkt_adapter" in k]
+    assert (Path(two["saved"]) / "hkt_config.json").is_file()
+    model_one = ViTForImageClassification.from_pretrained(one["saved"])
+    model_two, info = ViTForImageClassification.from_pretrained(two["saved"], output_loading_info=True)
+    assert not any(info.values()), info
+    trained, start = model_two.state_dict(), tiny_vit(16, layers=2, seed=2).state_dict()  # the worker's child
+    moved = max(float((trained[k] - start[k]).abs().max()) for k in start)
+    assert moved > 100 * WEIGHT_TOLERANCE
+    for name, value in model_one.state_dict().items():
+        torch.testing.assert_close(trained[name], value, atol=WEIGHT_TOLERANCE, rtol=0, msg=name)
