@@ -56,10 +56,11 @@ def apply(motion: np.ndarray, points: torch.Tensor) -> torch.Tensor:
     return points @ m[:, :2].T + m[:, 2]
 
 
-def render(layer: torch.Tensor, motion: np.ndarray, padding: str) -> torch.Tensor:
-    """`layer` [C, S, S] moved by `motion`: output pixel y shows the layer at motion^-1(y) (bilinear)."""
+def render(layer: torch.Tensor, motion: np.ndarray, padding: str, points: torch.Tensor) -> torch.Tensor:
+    """`layer` [C, S, S] moved by `motion`: output pixel y (of `points`, see `pixel_grid`) shows the layer at
+    motion^-1(y) (bilinear)."""
     size = layer.shape[-1]
-    source = apply(invert(motion), pixel_grid(size))
+    source = apply(invert(motion), points)
     grid = (source * 2 / (size - 1) - 1)[None]  # align_corners=True: pixel centres at -1 .. 1
     return F.grid_sample(layer[None], grid, mode="bilinear", padding_mode=padding, align_corners=True)[0]
 
@@ -78,6 +79,7 @@ class KnownWarpFlow(Dataset):
         self.images = images
         self.column = find_column(images.column_names, IMAGE_COLUMNS, "image")
         self.num_pairs, self.seed, self.size, self.tile, self.object_side = num_pairs, seed, size, tile, object_side
+        self.points = pixel_grid(size)  # the same for every pair and layer
 
     def __len__(self) -> int:
         return self.num_pairs
@@ -96,10 +98,10 @@ class KnownWarpFlow(Dataset):
         picks = rng.integers(0, len(self.images), tiles * tiles + 2)
         rows = [torch.cat([self._image(picks[r * tiles + c], tile) for c in range(tiles)], dim=2) for r in range(tiles)]
         background = torch.cat(rows, dim=1)[:, :size, :size]
-        points = pixel_grid(size)
+        points = self.points
         centre = ((size - 1) / 2, (size - 1) / 2)
         motion = random_motion(rng, centre, **BACKGROUND_MOTION)
-        frame1, frame2 = background.clone(), render(background, motion, "reflection")
+        frame1, frame2 = background.clone(), render(background, motion, "reflection", points)
         flow = apply(motion, points) - points
         for k in range(int(rng.integers(1, 3))):
             side = int(rng.integers(self.object_side[0], self.object_side[1] + 1))
@@ -116,7 +118,7 @@ class KnownWarpFlow(Dataset):
             colour = colour * alpha
             motion = random_motion(rng, (left + r, top + r), **OBJECT_MOTION)
             frame1 = frame1 * (1 - alpha) + colour
-            moved = render(torch.cat([colour, alpha]), motion, "zeros")
+            moved = render(torch.cat([colour, alpha]), motion, "zeros", points)
             frame2 = frame2 * (1 - moved[3:]) + moved[:3]
             flow = torch.where(inside[..., None], apply(motion, points) - points, flow)
         target = points + flow

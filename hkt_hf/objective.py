@@ -165,8 +165,7 @@ class HKTObjective:
             if parent_logits is None:
                 with torch.no_grad():
                     parent_logits = prediction(self.parent(**model_inputs(inputs)))
-            cfg = self.config
-            parts["kd"] = kd_loss(prediction(outputs), parent_logits, cfg.kd_temperature, cfg.kd_loss)
+            parts["kd"] = kd_loss(prediction(outputs), parent_logits, self.config.kd_temperature, self.config.kd_loss)
             loss = loss + self.config.kd_weight * parts["kd"]
         if not torch.isfinite(loss):
             raise NonFiniteLossError(describe_nonfinite(parts, q, gates, self.carriers))
