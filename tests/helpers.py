@@ -5,6 +5,7 @@ launcher for the multi-process tests.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -258,3 +260,16 @@ def torchrun_in_background(worker: Path, out: Path, *args: str, timeout: float =
     except subprocess.TimeoutExpired:
         raise AssertionError(f"torchrun {' '.join(args)} did not finish within {timeout} s:\n{kill()[-4000:]}")
     assert launch.returncode == 0, f"torchrun {' '.join(args)} failed (exit {launch.returncode}):\n{log[-6000:]}"
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def import_example(name: str, monkeypatch) -> ModuleType:
+    """`examples/<name>.py` as a module, with `examples/` on `sys.path` as when it runs as a script (the dense examples
+    import `examples/comparison.py`), so a test can call its `main(argv)` in-process."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location(f"{name}_example", EXAMPLES / f"{name}.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example

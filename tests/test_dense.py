@@ -4,9 +4,7 @@ decoder, HKTTrainer on SegFormer with carriers at three depths (maps and tokens)
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,9 +28,8 @@ from hkt_hf.extraction import FeatureExtractor, FeatureSpec
 from hkt_hf.objective import kd_loss
 from hkt_hf.transfer import Aligner
 
-from helpers import training_args
+from helpers import import_example, training_args
 
-REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
 SIZE = 32
 CARRIERS = [
@@ -233,10 +230,7 @@ def test_gate_is_computed_per_spatial_position_for_segformer_maps(tmp_path, scen
 
 
 def test_segmentation_example_quick_run(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "examples"))  # as when run as a script: it imports examples/comparison.py
-    spec = importlib.util.spec_from_file_location("segmentation_example", REPO / "examples" / "segmentation.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = import_example("segmentation", monkeypatch)
     out = tmp_path / "metrics.json"
     result = example.main(["--quick", "--output_dir", str(tmp_path / "runs"), "--json", str(out)])
     assert [r["method"] for r in result["runs"]] == ["alone", "kd", "hkt"]

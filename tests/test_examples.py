@@ -6,11 +6,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
+from helpers import EXAMPLES
 from hkt_hf.config import HKTConfig
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def run_example(name: str, *args) -> None:

@@ -3,7 +3,6 @@ and three carriers through HKTTrainer, and the example's quick run (and its resu
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel
 
+from helpers import import_example
 from hkt_hf import HKTConfig, HKTTrainer, HKTTrainingArguments
 from hkt_hf.data import load_image_dataset
 from hkt_hf.flow_data import KnownWarpFlow, evaluate_flow
@@ -190,10 +190,7 @@ def test_hkt_trains_raft_small_from_raft_with_several_carriers(tmp_path, pairs, 
 
 
 def test_optical_flow_example_quick_run_and_resume(tmp_path, monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(REPO / "examples"))
-    spec = importlib.util.spec_from_file_location("optical_flow_example", REPO / "examples" / "optical_flow.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = import_example("optical_flow", monkeypatch)
     out = tmp_path / "metrics.json"
     argv = ["--quick", "--output_dir", str(tmp_path / "runs"), "--json", str(out)]
     result = example.main(argv)
