@@ -19,4 +19,5 @@ __all__ = [
     "CifarResNetForImageClassification",
     "CifarResNetModel",
     "cifar_image_processor",
+    "hub",
 ]
