@@ -4,17 +4,17 @@ Importing the package registers the built-in architectures with the transformers
 """
 
 from . import hub
-from .config import HKTConfig
 from .models import CifarResNetConfig, CifarResNetForImageClassification, CifarResNetModel, cifar_image_processor
-from .trainer import HKTTrainer
-from .training_args import HKTTrainingArguments
+from .trainer import HKTSeq2SeqTrainer, HKTTrainer
+from .training_args import HKTSeq2SeqTrainingArguments, HKTTrainingArguments
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "HKTConfig",
     "HKTTrainer",
     "HKTTrainingArguments",
+    "HKTSeq2SeqTrainer",
+    "HKTSeq2SeqTrainingArguments",
     "CifarResNetConfig",
     "CifarResNetForImageClassification",
     "CifarResNetModel",

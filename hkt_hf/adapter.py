@@ -1,20 +1,27 @@
 """The training-only HKT modules (aligners and gates) and their injection into, and removal from, the child.
 
 Like a PEFT adapter, `HKTAdapter` is attached to the child under one prefix while training, so the Trainer's
-optimizer, DDP wrapping and checkpoints see its parameters; `remove_adapter` detaches it, leaving the child
-exactly as it was.
+optimizer and DDP / FSDP / DeepSpeed wrapping see its parameters; `remove_adapter` detaches it, leaving the child
+exactly as it was. Its state is never part of the child's weights file: checkpoints hold it in a file of its own,
+`hkt_adapter.safetensors`, beside the child's (which stays the plain child's, PEFT children included).
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .carriers import CarrierPair
 from .mixture import GateOutput, build_gate
+from .tasks import base_model
 from .transfer import build_aligner, feature_kind
 
 ADAPTER_NAME = "hkt_adapter"
+ADAPTER_WEIGHTS_NAME = "hkt_adapter.safetensors"
 
 
 def channels(shape: tuple[int, ...]) -> int:
@@ -35,7 +42,6 @@ class HKTAdapter(nn.Module):
         lam: float,
     ):
         super().__init__()
-        self.carrier_names = [str(c) for c in carriers]
         self.to_child = nn.ModuleList(
             build_aligner(ps, cs, f"carrier '{c}' (parent -> child)")
             for c, ps, cs in zip(carriers, parent_shapes, child_shapes)
@@ -56,15 +62,25 @@ class HKTAdapter(nn.Module):
         return self.to_parent[index](mixed.to(dtype))
 
 
+def _ignored_on_save(host: nn.Module) -> set[str] | None:
+    """transformers' per-model set of state-dict keys that `save_pretrained` leaves out (None for plain modules)."""
+    keys = getattr(host, "_keys_to_ignore_on_save", None)
+    return keys if isinstance(keys, set) else None
+
+
 def inject_adapter(child: nn.Module, adapter: HKTAdapter) -> None:
-    """Attach `adapter` to `child` as `child.hkt_adapter` (replacing any earlier one)."""
-    if isinstance(getattr(child, ADAPTER_NAME, None), HKTAdapter):
-        remove_adapter(child)
-    child.add_module(ADAPTER_NAME, adapter)
+    """Attach `adapter` as `hkt_adapter` of the child (of its base model for a PEFT child), replacing any earlier one,
+    and keep its keys out of the child's saved weights."""
+    remove_adapter(child)
+    host = base_model(child)
+    host.add_module(ADAPTER_NAME, adapter)
+    ignored = _ignored_on_save(host)
+    if ignored is not None:
+        ignored.update(f"{ADAPTER_NAME}.{key}" for key in adapter.state_dict())
 
 
 def get_adapter(child: nn.Module) -> HKTAdapter | None:
-    adapter = getattr(child, ADAPTER_NAME, None)
+    adapter = getattr(base_model(child), ADAPTER_NAME, None)
     return adapter if isinstance(adapter, HKTAdapter) else None
 
 
@@ -72,5 +88,31 @@ def remove_adapter(child: nn.Module) -> HKTAdapter | None:
     """Detach and return the adapter; afterwards `child.state_dict()` has exactly its original keys."""
     adapter = get_adapter(child)
     if adapter is not None:
-        delattr(child, ADAPTER_NAME)
+        host = base_model(child)
+        delattr(host, ADAPTER_NAME)
+        ignored = _ignored_on_save(host)
+        if ignored is not None:
+            ignored.difference_update(f"{ADAPTER_NAME}.{key}" for key in adapter.state_dict())
     return adapter
+
+
+def save_adapter_state(state: dict[str, torch.Tensor], folder: str | os.PathLike) -> Path:
+    """Write the adapter's (full, gathered) state dict to `folder/hkt_adapter.safetensors`."""
+    path = Path(folder) / ADAPTER_WEIGHTS_NAME
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def load_adapter_state(adapter: HKTAdapter, folder: str | os.PathLike) -> bool:
+    """Load `folder/hkt_adapter.safetensors` into `adapter` (strict); False if the folder has none."""
+    path = Path(folder) / ADAPTER_WEIGHTS_NAME
+    if not path.is_file():
+        return False
+    try:
+        adapter.load_state_dict(load_file(str(path)))
+    except RuntimeError as err:
+        raise ValueError(
+            f"{path} does not match this run's aligners and gates ({err}). Resume with the carriers, gate and models "
+            "of the run that wrote the checkpoint."
+        ) from None
+    return True

@@ -11,11 +11,7 @@ import os
 import re
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.core_model_loading import revert_weight_conversion
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 COMPLETE_MARKER = "hkt_checkpoint_complete"
@@ -73,23 +69,3 @@ class CheckpointCommitCallback(TrainerCallback):
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             if folder.is_dir():
                 mark_complete(folder)
-
-
-def load_runtime_state_dict(model: PreTrainedModel, weights_file: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A checkpoint's `model.safetensors` with its keys renamed to `model.state_dict()`'s names.
-
-    transformers 5 saves some models (e.g. ViT) under their original checkpoint names (`vit.encoder.layer.*` for
-    `vit.layers.*`); the Trainer's resume loads them with a plain `load_state_dict(strict=False)`, which would
-    silently skip them and resume from fresh weights.
-    """
-    try:
-        saved = load_file(str(weights_file), device="cpu")
-    except (SafetensorError, OSError) as err:
-        raise ValueError(
-            f"Cannot read checkpoint weights {weights_file} ({err}): the file is truncated or corrupt. Resume from an "
-            "earlier checkpoint of the same run."
-        ) from err
-    runtime = model.state_dict()
-    name_of = {id(t): k for k, t in runtime.items()}
-    saved_to_runtime = {k: name_of[id(t)] for k, t in revert_weight_conversion(model, runtime).items() if id(t) in name_of}
-    return {saved_to_runtime.get(k, k): v for k, v in saved.items()}

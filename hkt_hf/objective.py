@@ -23,12 +23,11 @@ from transformers.loss.loss_utils import ForSequenceClassificationLoss
 
 from .adapter import HKTAdapter
 from .carriers import CarrierPair, find_head
-from .config import HKTConfig
+from .tasks import is_classifier
 from .extraction import FeatureExtractor
 from .mixture import GateOutput
 
-CLASSIFIER_SUFFIXES = ("ForImageClassification", "ForSequenceClassification")
-NativeLoss = Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, Any]]
+NativeLoss = Callable[[dict[str, Any]], tuple[torch.Tensor, Any]]
 
 
 @dataclass
@@ -37,10 +36,6 @@ class StepResult:
     outputs: Any
     parts: dict[str, torch.Tensor]
     gates: dict[str, GateOutput] = field(default_factory=dict)
-
-
-def is_classifier(model: nn.Module) -> bool:
-    return type(model).__name__.endswith(CLASSIFIER_SUFFIXES)
 
 
 def classification_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -141,32 +136,30 @@ def describe_nonfinite(parts: dict[str, torch.Tensor], q: dict[int, torch.Tensor
 class HKTObjective:
     """Computes one training step's HKT loss; holds the frozen parent and the run's settings."""
 
-    def __init__(self, parent: nn.Module, carriers: list[CarrierPair], config: HKTConfig, replay: bool):
+    def __init__(self, parent: nn.Module, carriers: list[CarrierPair], args: Any, replay: bool):
         self.parent = parent
         self.carriers = carriers
-        self.config = config
+        self.args = args
         self.replay = replay
 
-    def __call__(
-        self, model: nn.Module, child: nn.Module, adapter: HKTAdapter, inputs: dict[str, Any], native: NativeLoss
-    ) -> StepResult:
-        """`model` is the (possibly wrapped) child used for the main pass, `child` the bare module behind it."""
+    def __call__(self, child: nn.Module, adapter: HKTAdapter, inputs: dict[str, Any], native: NativeLoss) -> StepResult:
+        """`native(inputs)` is the Trainer's own loss of the child on the batch."""
         if "labels" not in inputs:
             raise ValueError("HKT needs labels in every training batch: each of its loss terms uses the ground truth.")
         with FeatureExtractor(child, [c.child for c in self.carriers], role="child") as ext:
-            native_loss, outputs = native(model, inputs)
+            native_loss, outputs = native(inputs)
         q = ext.features
         step = self._replay_heads if self.replay else self._truncated_passes
         mixed_loss, parent_loss, parent_logits, gates = step(child, adapter, inputs, q)
-        w0, w1, w2 = self.config.loss_weights
+        w0, w1, w2 = self.args.hkt_loss_weights
         parts = {"native": native_loss.float(), "child_mixed": mixed_loss.float(), "parent_head": parent_loss.float()}
         loss = w0 * parts["native"] + w1 * parts["child_mixed"] + w2 * parts["parent_head"]
-        if self.config.kd_weight > 0:
+        if self.args.hkt_kd_weight > 0:
             if parent_logits is None:
                 with torch.no_grad():
                     parent_logits = prediction(self.parent(**model_inputs(inputs)))
-            parts["kd"] = kd_loss(prediction(outputs), parent_logits, self.config.kd_temperature, self.config.kd_loss)
-            loss = loss + self.config.kd_weight * parts["kd"]
+            parts["kd"] = kd_loss(prediction(outputs), parent_logits, self.args.hkt_kd_temperature, self.args.hkt_kd_loss)
+            loss = loss + self.args.hkt_kd_weight * parts["kd"]
         if not torch.isfinite(loss):
             raise NonFiniteLossError(describe_nonfinite(parts, q, gates, self.carriers))
         return StepResult(loss, outputs, parts, {str(c): gates[i] for i, c in enumerate(self.carriers)})

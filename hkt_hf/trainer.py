@@ -2,66 +2,39 @@
 
 Swap `Trainer` for `HKTTrainer` and `TrainingArguments` for `HKTTrainingArguments`, name a parent, and the child
 trains with the HKT objective (see `objective.py`). Evaluation, prediction and `save_model` see the child alone.
+Only public Trainer hooks are overridden (`train`, `compute_loss`, `log`, `save_model`, `create_model_card`); the one
+workaround for a transformers bug lives in `transformers_workarounds.py`.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
-import transformers
-from transformers.utils import logging
 from accelerate.utils import send_to_device
 from torch import nn
-from transformers import PreTrainedModel, Trainer
-from transformers.utils import SAFE_WEIGHTS_NAME
+from transformers import PreTrainedModel, Seq2SeqTrainer
+from transformers.utils import logging
 
-from .adapter import HKTAdapter, get_adapter, inject_adapter, remove_adapter
+from .adapter import HKTAdapter, get_adapter, inject_adapter, load_adapter_state, remove_adapter, save_adapter_state
 from .carriers import resolve_carriers
-from .checkpointing import CheckpointCommitCallback, load_runtime_state_dict, resolve_resume_checkpoint
-from .config import HKTConfig
-from .objective import HKTObjective, NonFiniteLossError, StepResult, head_replay_possible, is_classifier, probe
+from .checkpointing import CheckpointCommitCallback, resolve_resume_checkpoint
+from .lineage import lineage_record, write_lineage
+from .model_card import TAGS, add_lineage_to_card
+from .objective import HKTObjective, NonFiniteLossError, StepResult, head_replay_possible, probe
+from .parent import check_compatible, check_finite_weights, frozen, load_parent
+from .tasks import base_model, task_of
 from .training_args import HKTTrainingArguments
+from .transformers_workarounds import ResumeWithWeightConversion
 
 logger = logging.get_logger(__name__)
 
-
-def auto_class_for(model: nn.Module) -> type:
-    """The Auto class matching `model`'s head, e.g. `AutoModelForImageClassification` for `*ForImageClassification`."""
-    match = re.search(r"(For[A-Za-z]+)$", type(model).__name__)
-    auto = getattr(transformers, f"AutoModel{match.group(1)}", None) if match else None
-    return auto or transformers.AutoModel
-
-
-def default_label_names(labels: dict) -> bool:
-    return all(str(name) == f"LABEL_{i}" for i, name in labels.items())
-
-
-def check_compatible(parent: nn.Module, child: nn.Module) -> None:
-    """Refuse a parent that cannot teach this child: the same object, or a different label set."""
-    if parent is child:
-        raise ValueError("The parent is the child object itself; load a separate (larger, pretrained) parent model.")
-    if is_classifier(parent) != is_classifier(child):
-        raise ValueError(
-            f"Parent ({type(parent).__name__}) and child ({type(child).__name__}) solve different tasks; HKT needs "
-            "both to be trained for the same task with the same labels."
-        )
-    pc, cc = getattr(parent, "config", None), getattr(child, "config", None)
-    if is_classifier(child) and pc is not None and cc is not None:
-        if pc.num_labels != cc.num_labels:
-            raise ValueError(
-                f"Parent has {pc.num_labels} labels, child has {cc.num_labels}; HKT needs the same label set. "
-                "Use a parent fine-tuned on the child's task."
-            )
-        if not (default_label_names(pc.id2label) or default_label_names(cc.id2label)):
-            p_names, c_names = [pc.id2label[i] for i in range(pc.num_labels)], [cc.id2label[i] for i in range(cc.num_labels)]
-            if p_names != c_names:
-                raise ValueError(f"Parent labels {p_names} differ from child labels {c_names}; align id2label first.")
+# A run whose skipped batches exceed this share of its steps has not trained: it fails instead of "succeeding".
+MAX_SKIPPED_SHARE = 0.5
 
 
 @contextmanager
@@ -87,15 +60,38 @@ def forward_replaced(module: nn.Module, fn: Callable[[], Any]) -> Iterator[None]
         restore()
 
 
-class HKTTrainer(Trainer):
+@contextmanager
+def buffers_restored_on_skip(*models: nn.Module) -> Iterator[Callable[[], None]]:
+    """Snapshot the models' floating buffers (batch-norm statistics); the yielded `restore()` puts them back, so a
+    skipped batch leaves no trace in them."""
+    saved = [(b, b.detach().clone()) for m in models for b in m.buffers()]
+
+    def restore() -> None:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+    yield restore
+
+
+class HKTTrainer(ResumeWithWeightConversion):
     """A drop-in `Trainer` whose training loss is the HKT objective.
 
     Args:
-        parent_model: the parent, as a model or a path / Hub id; defaults to `args.hkt_parent`.
+        parent_model: the parent, as a model or a path / Hub id; defaults to `args.hkt_parent`. A model object is
+            left as it was given once training ends (mode, `requires_grad`, dtype, weights).
         Everything else is passed to `transformers.Trainer` unchanged.
 
-    After `train()`, `trainer.hkt_adapter` holds the aligners and gates, detached from the child.
+    After `train()`, `trainer.hkt_adapter` holds the aligners and gates, detached from the child; a later `train()`
+    call (a second run, or an in-process resume) trains the same adapter with the same optimizer.
     """
+
+    _tag_names = TAGS
+    _name = "HKT"
+    _paper = {
+        "title": "HKT: A Biologically Inspired Framework for Modular Hereditary Knowledge Transfer in Neural Networks",
+        "id": "2508.09743",
+    }
 
     def __init__(
         self,
@@ -107,7 +103,7 @@ class HKTTrainer(Trainer):
     ):
         if args is not None and not isinstance(args, HKTTrainingArguments):
             raise TypeError(
-                f"HKTTrainer needs HKTTrainingArguments, got {type(args).__name__}: replace "
+                f"{type(self).__name__} needs HKTTrainingArguments, got {type(args).__name__}: replace "
                 "`TrainingArguments(...)` with `HKTTrainingArguments(...)` (same fields, plus the hkt_* ones)."
             )
         if model is None:
@@ -116,76 +112,97 @@ class HKTTrainer(Trainer):
         # Every HKT term is a per-batch mean, so the Trainer must divide by the accumulation steps itself.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
-        self.parent_model = self._load_parent(parent_model)
+        parent_name = parent_model if isinstance(parent_model, str) else self.args.hkt_parent
+        self.parent_model = self._prepare_parent(parent_model if parent_model is not None else self.args.hkt_parent)
+        if parent_name is None:
+            parent_name = getattr(getattr(base_model(self.parent_model), "config", None), "_name_or_path", None) or None
+        self.parent_name = parent_name or type(base_model(self.parent_model)).__name__
         check_compatible(self.parent_model, self.model)
         self.carriers = resolve_carriers(self.args.hkt_carriers, self.parent_model, self.model)
-        parent_name = parent_model if isinstance(parent_model, str) else self.args.hkt_parent
-        if parent_name is None:
-            parent_name = getattr(getattr(self.parent_model, "config", None), "_name_or_path", None) or None
-        self.hkt_config: HKTConfig = self.args.to_hkt_config(
-            parent=parent_name, carriers=[str(c) for c in self.carriers], child_architecture=type(self.model).__name__
+        self.hkt_lineage = lineage_record(
+            self.args, parent=parent_name, carriers=[str(c) for c in self.carriers],
+            child_architecture=type(base_model(self.model)).__name__,
         )
-        if self.hkt_config.on_nonfinite == "skip" and self.args.world_size > 1:
+        if self.args.hkt_on_nonfinite == "skip" and self.args.world_size > 1:
             raise ValueError("hkt_on_nonfinite='skip' works in a single process only; use 'stop' with several.")
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
         self.add_callback(CheckpointCommitCallback())
         self.hkt_adapter: HKTAdapter | None = None
         self.hkt_skipped_batches = 0
         self._objective: HKTObjective | None = None
+        self._parent_checked = False
         self._hkt_logs: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     # ---- parent -------------------------------------------------------------------------------------------
 
-    def _load_parent(self, parent: PreTrainedModel | nn.Module | str | None) -> nn.Module:
-        parent = parent if parent is not None else self.args.hkt_parent
+    def _prepare_parent(self, parent: PreTrainedModel | nn.Module | str | None) -> nn.Module:
+        """Load the parent if named, then prepare it the way Accelerate prepares a model for evaluation (device,
+        mixed precision), as TRL prepares teachers. Under DeepSpeed it is only placed on the device."""
         if parent is None:
             raise ValueError(
                 "No parent model: set HKTTrainingArguments(hkt_parent='path-or-hub-id') (CLI: --hkt_parent) or pass "
                 "HKTTrainer(parent_model=...)."
             )
         if isinstance(parent, str):
-            parent = auto_class_for(self.model).from_pretrained(parent, revision=self.args.hkt_parent_revision)
-        dtype = next(self.model.parameters()).dtype
-        parent.requires_grad_(False)
-        parent.to(device=self.args.device, dtype=dtype)
-        parent.eval()
-        if self.args.hkt_parent_mode == "train-bn":
-            for module in parent.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.train()
-        return parent
+            parent = load_parent(parent, self.model, self.args.hkt_parent_revision, self.args.hkt_parent_init_kwargs)
+        if self.is_deepspeed_enabled:
+            return parent.to(self.args.device)
+        return self.accelerator.prepare_model(parent, evaluation_mode=True)
 
     # ---- adapter ------------------------------------------------------------------------------------------
 
     def _ensure_adapter(self, child: nn.Module, inputs: dict[str, Any]) -> HKTAdapter:
-        """Build the aligners and gates from the carrier shapes seen on `inputs`, once, and attach them."""
+        """Attach the run's adapter: built once from the carrier shapes seen on `inputs`, then reused by every later
+        `train()` so the optimizer (which the Trainer keeps between calls) and the adapter always agree."""
         adapter = get_adapter(child)
         if adapter is not None and self._objective is not None:
             return adapter
+        if not self._parent_checked:
+            check_finite_weights(self.parent_model, self.parent_name)
         replay = head_replay_possible(self.carriers, self.parent_model, child)
         parent_shapes, child_shapes, replay = probe(self.parent_model, child, self.carriers, inputs, replay)
-        if adapter is None:
-            adapter = HKTAdapter(self.carriers, parent_shapes, child_shapes, self.args.hkt_gate, self.args.hkt_lambda)
-            adapter.to(device=self.args.device, dtype=next(child.parameters()).dtype)
-            inject_adapter(child, adapter)
-        self._objective = HKTObjective(self.parent_model, self.carriers, self.hkt_config, replay)
-        return adapter
+        self._parent_checked = True
+        if self.hkt_adapter is None:
+            self.hkt_adapter = HKTAdapter(
+                self.carriers, parent_shapes, child_shapes, self.args.hkt_gate, self.args.hkt_lambda
+            )
+            self.hkt_adapter.to(device=self.args.device, dtype=next(child.parameters()).dtype)
+        if adapter is not self.hkt_adapter:
+            inject_adapter(child, self.hkt_adapter)
+        self._objective = HKTObjective(self.parent_model, self.carriers, self.args, replay)
+        return self.hkt_adapter
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        """`Trainer.train`, with the HKT adapter attached for the run and removed afterwards, whatever happens.
+        """`Trainer.train`, with the HKT adapter attached for the run and detached afterwards, whatever happens.
 
-        `resume_from_checkpoint` only accepts checkpoints whose save completed (see `checkpointing.py`).
+        `resume_from_checkpoint` only accepts checkpoints whose save completed (see `checkpointing.py`); the adapter
+        resumes from the checkpoint's `hkt_adapter.safetensors`.
         """
         if self.train_dataset is not None and hasattr(self.train_dataset, "__len__") and len(self.train_dataset) == 0:
             raise ValueError("The training dataset is empty; HKT needs labelled training examples.")
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
-        with torch.random.fork_rng(devices=[self.args.device] if self.args.device.type == "cuda" else []):
-            batch = next(iter(self.get_train_dataloader()))
-        self._ensure_adapter(self.model, send_to_device(batch, self.args.device))
-        try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
-        finally:
-            self.hkt_adapter = remove_adapter(self.accelerator.unwrap_model(self.model))
+        with ExitStack() as stack:
+            with torch.random.fork_rng(devices=[self.args.device] if self.args.device.type == "cuda" else []):
+                batch = next(iter(self.get_train_dataloader()))
             self._objective = None
+            adapter = self._ensure_adapter(self.model, send_to_device(batch, self.args.device))
+            stack.callback(remove_adapter, self.accelerator.unwrap_model(self.model))
+            if resume_from_checkpoint is not None:
+                load_adapter_state(adapter, resume_from_checkpoint)
+            steps_before, skipped_before = self.state.global_step, self.hkt_skipped_batches
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+            self._check_skipped(self.state.global_step - steps_before, self.hkt_skipped_batches - skipped_before)
+            return output
+
+    def _check_skipped(self, steps: int, skipped: int) -> None:
+        micro_batches = max(steps, 1) * self.args.gradient_accumulation_steps
+        if skipped > MAX_SKIPPED_SHARE * micro_batches:
+            raise NonFiniteLossError(
+                f"{skipped} of {micro_batches} batches had NaN/inf losses and were skipped "
+                f"(hkt_on_nonfinite='skip'): the child has not been trained. Check the parent {self.parent_name}, "
+                "the labels (all -100?) and the learning rate."
+            )
 
     # ---- loss and logging ---------------------------------------------------------------------------------
 
@@ -201,19 +218,26 @@ class HKTTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         child = self.accelerator.unwrap_model(model)
         adapter = self._ensure_adapter(child, inputs)
-        try:
-            result = self._run_objective(model, child, adapter, inputs)
-        except NonFiniteLossError as err:
-            message = f"Step {self.state.global_step + 1}: {err}"
-            if self.hkt_config.on_nonfinite == "stop":
-                raise NonFiniteLossError(
-                    f"{message}. Training stopped; saved checkpoints are intact. Resume from the last one with a "
-                    "lower learning rate, or set hkt_on_nonfinite='skip' to drop such batches."
-                ) from None
-            logger.warning(f"{message}; batch skipped (hkt_on_nonfinite='skip').")
-            self.hkt_skipped_batches += 1
-            zero = torch.zeros((), device=self.args.device, requires_grad=True)
-            return (zero, None) if return_outputs else zero
+        skip = self.args.hkt_on_nonfinite == "skip"
+        with (
+            frozen(self.parent_model, self.args.hkt_parent_mode),
+            buffers_restored_on_skip(child, self.parent_model) if skip else nullcontext() as restore,
+        ):
+            try:
+                result = self._run_objective(model, child, adapter, inputs)
+            except NonFiniteLossError as err:
+                message = f"Step {self.state.global_step + 1}: {err}"
+                if not skip:
+                    raise NonFiniteLossError(
+                        f"{message}. Training stopped; saved checkpoints are intact. If the parent is sound, resume "
+                        "from the last checkpoint with a lower learning rate, or set hkt_on_nonfinite='skip' to drop "
+                        "such batches."
+                    ) from None
+                restore()
+                logger.warning(f"{message}; batch skipped (hkt_on_nonfinite='skip').")
+                self.hkt_skipped_batches += 1
+                zero = torch.zeros((), device=self.args.device, requires_grad=True)
+                return (zero, None) if return_outputs else zero
         self._record(result)
         return (result.loss, result.outputs) if return_outputs else result.loss
 
@@ -228,18 +252,18 @@ class HKTTrainer(Trainer):
         parameters (head, `hkt_adapter`) unsharded until backward, and sharded submodules gather on every call.
         """
 
+        def native(batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+            # Trainer's own loss (label smoothing, compute_loss_func); it may pop from the dict.
+            return super(HKTTrainer, self).compute_loss(child, dict(batch), return_outputs=True)
+
         def step() -> StepResult:
             with self.accelerator.autocast():
-                return self._objective(child, child, adapter, inputs, self._native_loss)
+                return self._objective(child, adapter, inputs, native)
 
         if model is child:
             return step()
         with forward_replaced(child, step):
             return model(**inputs)
-
-    def _native_loss(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
-        # Trainer's own loss (label smoothing, compute_loss_func) for the native term; it may pop from the dict.
-        return super().compute_loss(model, dict(inputs), return_outputs=True)
 
     def _record(self, result: StepResult) -> None:
         for name, value in result.parts.items():
@@ -263,54 +287,61 @@ class HKTTrainer(Trainer):
 
     # ---- saving -------------------------------------------------------------------------------------------
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """Trainer's resume loader, reading back the key names `save_pretrained` wrote (see `load_runtime_state_dict`)."""
-        child = self.accelerator.unwrap_model(model if model is not None else self.model)
-        weights = os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME)
-        if self.is_fsdp_enabled or not isinstance(child, PreTrainedModel) or not os.path.isfile(weights):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._issue_warnings_after_load(child.load_state_dict(load_runtime_state_dict(child, weights), strict=False))
+    def _full_adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapter's state gathered on every process (ZeRO-3 partitions and FSDP2 shards it with the child)."""
+        adapter = get_adapter(self.accelerator.unwrap_model(self.model))
+        params = list(adapter.parameters())
+        gather = nullcontext()
+        if self.is_deepspeed_enabled and any(hasattr(p, "ds_id") for p in params):
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(params)
+        with gather:
+            return {
+                key: (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().cpu().clone()
+                for key, value in adapter.state_dict().items()
+            }
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Checkpoints keep the adapter (exact resume); a user's `save_model` writes the plain child."""
+        """`Trainer.save_model` (the plain child's weights: the adapter's keys are never in them), plus the lineage
+        record and, while training, the adapter's state in its own file for an exact resume."""
+        super().save_model(output_dir, _internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if _internal_call:
-            super().save_model(output_dir, _internal_call=True)
-        else:
-            child = self.accelerator.unwrap_model(self.model)
-            adapter = remove_adapter(child)
-            try:
-                super().save_model(output_dir, _internal_call=False)
-            finally:
-                if adapter is not None:
-                    inject_adapter(child, adapter)
+        adapter_state = self._full_adapter_state() if get_adapter(self.accelerator.unwrap_model(self.model)) else None
         if self.args.should_save:
-            self.hkt_config.to_json_file(output_dir)
+            write_lineage(self.hkt_lineage, output_dir)
+            if adapter_state is not None:
+                save_adapter_state(adapter_state, output_dir)
 
     # ---- Hub ----------------------------------------------------------------------------------------------
 
-    def create_model_card(self, model_name: str | None = None, **card_info: Any):
-        """Write the HKT model card to `output_dir/README.md`; `card_info` as `hkt_hf.hub.render_model_card`
-        (e.g. `dataset=`, `parent_metrics=`, `license=`). Child metrics come from the latest evaluation."""
-        from . import hub
-
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """`Trainer.create_model_card` (same arguments, same meaning), with HKT's tags, the child's task when
+        transformers cannot infer it, and the lineage section (parent, carriers, gate, weights, citation)."""
         if not self.is_world_process_zero():
-            return None
-        card = hub.render_model_card(
-            self.hkt_config, model_name or hub.trainer_model_name(self), **hub.trainer_card_info(self, **card_info)
+            return
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        tags += [tag for tag in self._tag_names if tag not in tags]
+        super().create_model_card(
+            language=language, license=license, tags=tags, model_name=model_name, finetuned_from=finetuned_from,
+            tasks=tasks if tasks is not None else task_of(self.model), dataset_tags=dataset_tags, dataset=dataset,
+            dataset_args=dataset_args,
         )
-        card.save(f"{self.args.output_dir}/README.md")
-        return card
+        name = self.hub_model_id or self.args.hub_model_id or model_name or os.path.basename(self.args.output_dir)
+        add_lineage_to_card(os.path.join(self.args.output_dir, "README.md"), self.hkt_lineage, name)
 
-    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs: Any):
-        """Push the plain child, its processor, `hkt_config.json` and the HKT model card; never aligners or gates.
-        Takes `Trainer.push_to_hub`'s `token`, `revision`, `private`, plus `create_model_card`'s `card_info`."""
-        from . import hub
 
-        return hub.push_trainer(self, commit_message or "End of training", blocking, **kwargs)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Trainer's mid-training pushes copy checkpoint weights, which hold the training-only adapter: HKT pushes the
-        plain child through `push_to_hub` (at the end, or when the user saves) instead."""
-        if self.is_world_process_zero():
-            logger.warning_once("HKTTrainer does not push checkpoints during training; call trainer.push_to_hub() after.")
+class HKTSeq2SeqTrainer(HKTTrainer, Seq2SeqTrainer):
+    """`HKTTrainer` for sequence-to-sequence children: generation-based evaluation and prediction
+    (`predict_with_generate`) from transformers' `Seq2SeqTrainer`. Takes `HKTSeq2SeqTrainingArguments`."""

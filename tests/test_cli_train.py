@@ -13,7 +13,7 @@ from datasets import DatasetDict
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from hkt_hf import cli
-from hkt_hf.config import HKTConfig
+from hkt_hf.lineage import read_lineage
 from hkt_hf.data import load_image_dataset, prepare_image_dataset, strided_subset
 from hkt_hf.evaluation import top1_accuracy
 from hub_server import FakeHub
@@ -51,8 +51,8 @@ def test_train_saves_an_evaluated_plain_child(trained, capsys, resnet20_dir, tin
     names = {p.name for p in out_dir.iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "hkt_config.json",
             "eval_results.json"} <= names
-    lineage = HKTConfig.from_json_file(out_dir / "hkt_config.json")
-    assert lineage.parent == str(resnet20_dir) and lineage.lam == 0.5
+    lineage = read_lineage(out_dir / "hkt_config.json")
+    assert lineage["hkt_parent"] == str(resnet20_dir) and lineage["hkt_lambda"] == 0.5
     assert lineage.child_architecture == "CifarResNetForImageClassification"
     # The reported top-1 is that of the saved child on the same 32 strided test rows.
     results = json.loads((out_dir / "eval_results.json").read_text())

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from helpers import EXAMPLES
-from hkt_hf.config import HKTConfig
+from hkt_hf.lineage import read_lineage
 
 
 def run_example(name: str, *args) -> None:
@@ -26,10 +26,11 @@ def test_train_cifar10_quick(tmp_path, checkpoint_path, tiny_cifar_dir):
                 "--output_dir", out, "--use_cpu")
     results = json.loads((out / "eval_results.json").read_text())
     assert 40.0 < results["parent_top1"] <= 100.0 and 40.0 < results["child_top1_before"] <= 100.0
-    lineage = HKTConfig.from_json_file(out / "hkt_config.json")
-    assert lineage.parent.endswith("resnet56-4bfd9763.th") and lineage.carriers == ["classifier:input=classifier:input"]
+    lineage = read_lineage(out / "hkt_config.json")
+    assert lineage["hkt_parent"].endswith("resnet56-4bfd9763.th")
+    assert lineage["hkt_carriers"] == ["classifier:input=classifier:input"]
     args = json.loads((out / "hkt_config.json").read_text())
-    assert args["gate"] == "genetic" and args["lam"] == 0.6
+    assert args["hkt_gate"] == "genetic" and args["hkt_lambda"] == 0.6
 
 
 def test_image_classification_quick(tmp_path, tiny_cifar_dir):
@@ -47,4 +48,4 @@ def test_text_classification_quick_learns_the_task(tmp_path):
     metrics = json.loads((out / "eval_results.json").read_text())
     assert metrics["eval_accuracy"] >= 0.9  # separable synthetic sentiment: a working run learns it
     assert (out / "tokenizer.json").is_file()
-    assert HKTConfig.from_json_file(out / "hkt_config.json").child_architecture == "BertForSequenceClassification"
+    assert read_lineage(out / "hkt_config.json")["child_architecture"] == "BertForSequenceClassification"

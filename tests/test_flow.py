@@ -13,7 +13,8 @@ from torch import nn
 from transformers import AutoModel
 
 from helpers import import_example
-from hkt_hf import HKTConfig, HKTTrainer, HKTTrainingArguments
+from hkt_hf import HKTTrainer, HKTTrainingArguments
+from hkt_hf.lineage import read_lineage
 from hkt_hf.data import load_image_dataset
 from hkt_hf.flow_data import KnownWarpFlow, evaluate_flow
 from hkt_hf.models import RaftConfig, RaftForOpticalFlow
@@ -137,12 +138,12 @@ def test_end_point_error_of_a_zero_flow_is_the_mean_motion(pairs):
 # ---- KD for regressions -------------------------------------------------------------------------------------------
 
 
-def test_regression_kd_losses_by_hand():
+def test_regression_kd_losses_by_hand(tmp_path):
     child, parent = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.0, 1.0]])
     assert kd_loss(child, parent, 4.0, "l1").item() == pytest.approx(2.0)
     assert kd_loss(child, parent, 4.0, "mse").item() == pytest.approx(5.0)
     with pytest.raises(ValueError, match="hkt_kd_loss must be one of"):
-        HKTConfig(kd_loss="huber")
+        HKTTrainingArguments(tmp_path, hkt_kd_loss="huber")
 
 
 # ---- HKT ----------------------------------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def test_hkt_trains_raft_small_from_raft_with_several_carriers(tmp_path, pairs, 
     loaded = AutoModel.from_pretrained(tmp_path / "child")
     assert type(loaded) is RaftForOpticalFlow and loaded.config.variant == "small"
     assert not any("hkt_adapter" in k for k in loaded.state_dict())
-    assert HKTConfig.from_json_file(tmp_path / "child" / "hkt_config.json").carriers == carriers
+    assert read_lineage(tmp_path / "child" / "hkt_config.json")["hkt_carriers"] == carriers
     trainer.args.output_dir = str(tmp_path / "child")
     trainer.create_model_card(model_name="hkt-raft-small")
     card = (tmp_path / "child" / "README.md").read_text()

@@ -18,7 +18,7 @@ from transformers import (
 
 import helpers as H
 from hkt_hf import HKTTrainer, HKTTrainingArguments
-from hkt_hf.config import HKT_CONFIG_NAME
+from hkt_hf.lineage import HKT_CONFIG_NAME
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -67,4 +67,4 @@ def test_typical_text_classification_script(tmp_path):
         torch.testing.assert_close(torch.as_tensor(prediction.predictions[:4]), child(**encoded).logits,
                                    rtol=1e-4, atol=1e-5)
     saved = json.loads((out / HKT_CONFIG_NAME).read_text())
-    assert saved["carriers"] == ["classifier:input=classifier:input"] and saved["kd_weight"] == 0.5
+    assert saved["hkt_carriers"] == ["classifier:input=classifier:input"] and saved["hkt_kd_weight"] == 0.5
