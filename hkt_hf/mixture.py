@@ -17,6 +17,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 STATIC_PARENT_WEIGHT = 0.7
@@ -104,10 +105,12 @@ class LearnedGate(Gate):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def logits(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        return (self.query(q) * self.key(p)).sum(-1) / math.sqrt(q.shape[-1])
+        # The gate runs in fp32 (see Gate.forward) whatever the dtype of the projections (a bf16 child's adapter).
+        query, key = F.linear(q, self.query.weight.float()), F.linear(p, self.key.weight.float())
+        return (query * key).sum(-1) / math.sqrt(q.shape[-1])
 
     def mixing_weight(self, a: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.lam_logit) * (1.0 - a)
+        return torch.sigmoid(self.lam_logit.float()) * (1.0 - a)
 
 
 GATES: dict[str, type[Gate]] = {

@@ -161,7 +161,8 @@ class HKTTrainer(ResumeWithWeightConversion):
         if not self._parent_checked:
             check_finite_weights(self.parent_model, self.parent_name)
         replay = head_replay_possible(self.carriers, self.parent_model, child)
-        parent_shapes, child_shapes, replay = probe(self.parent_model, child, self.carriers, inputs, replay)
+        with self.accelerator.autocast():  # as the training step runs
+            parent_shapes, child_shapes, replay = probe(self.parent_model, child, self.carriers, inputs, replay)
         self._parent_checked = True
         if self.hkt_adapter is None:
             self.hkt_adapter = HKTAdapter(

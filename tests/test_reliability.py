@@ -21,11 +21,11 @@ from transformers import AutoModelForImageClassification, TrainerCallback
 
 import kill_resume_worker
 from helpers import NUM_LABELS, hooked_modules, image_dataset, tiny_vit, training_args
-from hkt_hf import CifarResNetConfig, CifarResNetForImageClassification, HKTConfig, HKTTrainer
-from hkt_hf.adapter import ADAPTER_NAME
+from hkt_hf import CifarResNetConfig, CifarResNetForImageClassification, HKTTrainer
+from hkt_hf.adapter import ADAPTER_NAME, ADAPTER_WEIGHTS_NAME
 from hkt_hf.checkpoint import load_reference_state_dict
 from hkt_hf.checkpointing import COMPLETE_MARKER, is_complete
-from hkt_hf.config import FORMAT_VERSION, HKT_CONFIG_NAME
+from hkt_hf.lineage import FORMAT_VERSION, HKT_CONFIG_NAME, read_lineage, write_lineage
 from hkt_hf.data import image_collator, prepare_image_dataset
 from hkt_hf.models import IMAGENET_MEAN, IMAGENET_STD, cifar_image_processor
 from hkt_hf.objective import NonFiniteLossError
@@ -120,18 +120,38 @@ def test_parent_that_is_the_child_object_is_refused(tmp_path):
     [
         ("hkt_lambda", 1.5, r"hkt_lambda must lie in \[0, 1\].*got 1.5"),
         ("hkt_lambda", -0.1, r"hkt_lambda must lie in \[0, 1\].*got -0.1"),
-        ("hkt_loss_weights", [1.0, -1.0, 1.0], r"3 non-negative numbers.*got \[1.0, -1.0, 1.0\]"),
-        ("hkt_loss_weights", [1.0, 1.0], r"3 non-negative numbers.*got \[1.0, 1.0\]"),
+        ("hkt_lambda", float("nan"), r"hkt_lambda must be a finite number, got nan"),
+        ("hkt_loss_weights", [1.0, -1.0, 1.0], r"must be non-negative.*got \[1.0, -1.0, 1.0\]"),
+        ("hkt_loss_weights", [1.0, 1.0], r"must be 3 numbers.*got \[1.0, 1.0\]"),
         ("hkt_loss_weights", [0.0, 0.0, 0.0], r"not all zero"),
-        ("hkt_gate", "gentic", r"Unknown gate 'gentic'. Choose one of: genetic, agreement, static, learned"),
-        ("hkt_parent_mode", "train", r"hkt_parent_mode must be one of \('eval', 'train-bn'\), got 'train'"),
+        ("hkt_loss_weights", [1.0, float("nan"), 1.0], r"hkt_loss_weights must be a finite number, got nan"),
+        ("hkt_loss_weights", [1.0, float("inf"), 1.0], r"hkt_loss_weights must be a finite number, got inf"),
+        ("hkt_gate", "gentic", r"hkt_gate must be one of 'genetic', 'agreement', 'static', 'learned', got 'gentic'"),
+        ("hkt_parent_mode", "train", r"hkt_parent_mode must be one of 'eval', 'train-bn', got 'train'"),
         ("hkt_kd_weight", -1.0, r"hkt_kd_weight must be >= 0"),
-        ("hkt_on_nonfinite", "ignore", r"hkt_on_nonfinite must be one of \('stop', 'skip'\)"),
+        ("hkt_kd_weight", float("nan"), r"hkt_kd_weight must be a finite number, got nan"),
+        ("hkt_kd_temperature", float("inf"), r"hkt_kd_temperature must be a finite number, got inf"),
+        ("hkt_kd_temperature", 0.0, r"hkt_kd_temperature must be > 0"),
+        ("hkt_on_nonfinite", "ignore", r"hkt_on_nonfinite must be one of 'stop', 'skip'"),
+        ("hkt_carriers", [], r"hkt_carriers must be a non-empty list"),
+        ("hkt_parent", "./no/such/parent", r"hkt_parent='./no/such/parent' is neither an existing local folder"),
+        ("hkt_parent_init_kwargs", "{dtype: bf16}", r"hkt_parent_init_kwargs must be a JSON object"),
     ],
 )
 def test_out_of_range_settings_are_refused_at_construction(tmp_path, field, value, expected):
     with pytest.raises(ValueError, match=expected):
         training_args(tmp_path, **{field: value})
+
+
+def test_carriers_given_as_one_string_are_one_carrier(tmp_path):
+    assert training_args(tmp_path, hkt_carriers="auto").hkt_carriers == ["auto"]
+
+
+def test_output_dir_that_would_overwrite_the_parent_is_refused(tmp_path):
+    parent_dir = tmp_path / "parent"
+    parent_dir.mkdir()
+    with pytest.raises(ValueError, match="is the parent's folder: saving the child would overwrite the parent"):
+        training_args(parent_dir, hkt_parent=str(tmp_path / "." / "parent"))
 
 
 def test_empty_dataset_is_refused(tmp_path):
@@ -257,23 +277,25 @@ def test_truncated_training_checkpoint_is_refused_on_resume(tmp_path):
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"format_version": FORMAT_VERSION + 1}, r"format_version 2; this hkt-hf reads versions 1..1. Upgrade hkt-hf"),
+        ({"format_version": FORMAT_VERSION + 1}, r"format_version 3; this hkt-hf reads versions 1..2. Upgrade hkt-hf"),
         ({"format_version": "one"}, r"format_version 'one'.*Upgrade hkt-hf"),
-        ({"tokens_per_gate": 4}, r"unknown fields \['tokens_per_gate'\]; it was not written by this hkt-hf"),
+        ({"hkt_tokens_per_gate": 4}, r"Unknown HKT settings \['hkt_tokens_per_gate'\]"),
+        ({"hkt_kd_weight": -1.0}, r"not a valid lineage record: hkt_kd_weight must be >= 0"),
     ],
 )
 def test_hkt_config_from_a_newer_or_unknown_format(tmp_path, change, expected):
-    path = HKTConfig().to_json_file(tmp_path)
-    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    record = {"format_version": FORMAT_VERSION, "child_architecture": "ViTForImageClassification",
+              "hkt_parent": "org/parent", "hkt_gate": "genetic", "hkt_lambda": 0.6}
+    path = write_lineage({**record, **change}, tmp_path)
     with pytest.raises(ValueError, match=expected):
-        HKTConfig.from_json_file(path)
+        read_lineage(path)
 
 
 def test_hkt_config_that_is_not_json(tmp_path):
     path = tmp_path / HKT_CONFIG_NAME
     path.write_text('{"gate": "genetic",')
     with pytest.raises(ValueError, match=f"{path} is not valid JSON"):
-        HKTConfig.from_json_file(path)
+        read_lineage(path)
 
 
 # ------------------------------------------------------------------------------------------------- numerical faults
@@ -314,8 +336,10 @@ def test_nonfinite_stop_names_step_and_carrier_and_keeps_checkpoints(tmp_path):
     assert is_complete(checkpoint)
     assert sorted(p.name for p in Path(trainer.args.output_dir).iterdir()) == ["checkpoint-2"]
     weights = load_file(str(checkpoint / "model.safetensors"))
-    assert any(k.startswith(f"{ADAPTER_NAME}.") for k in weights)
-    assert all(torch.isfinite(v).all() for v in weights.values())
+    # The plain child's weights (ViT saves them under its legacy names): as many, none of the adapter's.
+    assert len(weights) == len(vit_pair()[1].state_dict()) and not any(k.startswith(ADAPTER_NAME) for k in weights)
+    adapter = load_file(str(checkpoint / ADAPTER_WEIGHTS_NAME))
+    assert adapter and all(torch.isfinite(v).all() for v in [*weights.values(), *adapter.values()])
 
 
 class WeightRecorder(TrainerCallback):
