@@ -17,7 +17,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 STATIC_PARENT_WEIGHT = 0.7
@@ -105,9 +104,10 @@ class LearnedGate(Gate):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def logits(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        # The gate runs in fp32 (see Gate.forward) whatever the dtype of the projections (a bf16 child's adapter).
-        query, key = F.linear(q, self.query.weight.float()), F.linear(p, self.key.weight.float())
-        return (query * key).sum(-1) / math.sqrt(q.shape[-1])
+        # Called as modules (ZeRO-3 gathers their weights in a pre-forward hook), in the projections' own dtype (a
+        # bf16 child's adapter is bf16); the gate itself stays in fp32 (see Gate.forward).
+        dtype = self.query.weight.dtype
+        return (self.query(q.to(dtype)).float() * self.key(p.to(dtype)).float()).sum(-1) / math.sqrt(q.shape[-1])
 
     def mixing_weight(self, a: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.lam_logit.float()) * (1.0 - a)

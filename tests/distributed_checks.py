@@ -26,7 +26,7 @@ WEIGHT_TOLERANCE = 1e-4
 
 def assert_parent_untouched(two: dict) -> None:
     assert not two["parent_is_fsdp"] and not two["parent_params_sharded"]
-    assert not two["parent_requires_grad"]
+    assert two["parent_requires_grad_as_given"] and two["parent_grads"] == 0
     assert two["parent_changed"] == 0.0
 
 

@@ -155,7 +155,9 @@ def run(name: str, hkt: dict, per_device_batch: int, output_dir: str, fsdp: bool
         "lambda": learned_lambdas(adapter),
         "parent_is_fsdp": any(isinstance(m, FSDPModule) for m in parent.modules()),
         "parent_params_sharded": any(sharded(p) for p in parent.parameters()),
-        "parent_requires_grad": any(p.requires_grad for p in parent.parameters()),
+        # Given trainable (built from a config), frozen for each step only: it must come back as it was given.
+        "parent_requires_grad_as_given": all(p.requires_grad for p in parent.parameters()),
+        "parent_grads": sum(p.grad is not None for p in parent.parameters()),
         "parent_changed": max(float((v - parent_before[k]).abs().max()) for k, v in parent.state_dict().items()),
         "saved": saved,
     }
