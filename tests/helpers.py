@@ -37,9 +37,6 @@ from transformers import (
 
 from hkt_hf import HKTTrainingArguments
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CIFAR_DIR = SHARED / "data" / "cifar10"
-CIFAR_MODELS = SHARED / "models" / "cifar-resnet"
 NUM_LABELS = 3
 IMAGE_SIZE = 16
 

@@ -229,10 +229,10 @@ def test_gate_is_computed_per_spatial_position_for_segformer_maps(tmp_path, scen
 # ---- the example --------------------------------------------------------------------------------------------------
 
 
-def test_segmentation_example_quick_run(tmp_path, monkeypatch):
+def test_segmentation_example_quick_run(tmp_path, monkeypatch, cifar_dir):
     example = import_example("segmentation", monkeypatch)
     out = tmp_path / "metrics.json"
-    result = example.main(["--quick", "--output_dir", str(tmp_path / "runs"), "--json", str(out)])
+    result = example.main(["--quick", "--images", str(cifar_dir), "--output_dir", str(tmp_path / "runs"), "--json", str(out)])
     assert [r["method"] for r in result["runs"]] == ["alone", "kd", "hkt"]
     for run in result["runs"]:
         assert 0 <= run["mean_iou"] <= 100 and 0 <= run["pixel_accuracy"] <= 100
