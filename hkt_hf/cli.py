@@ -117,7 +117,7 @@ examples:
     arguments=_import_checkpoint_arguments,
 )
 def import_checkpoint_command(args: argparse.Namespace) -> int:
-    from .checkpoint import import_checkpoint
+    from .models.cifar_resnet.convert_reference_checkpoint import import_checkpoint
 
     try:
         model = import_checkpoint(args.src, args.out_dir, allow_pickle=args.allow_pickle)
@@ -170,7 +170,7 @@ def _load_model(name: str):
     from transformers import AutoModelForImageClassification
 
     if _is_reference_checkpoint(name):
-        from .checkpoint import import_checkpoint
+        from .models.cifar_resnet.convert_reference_checkpoint import import_checkpoint
 
         try:
             return import_checkpoint(name)
@@ -218,7 +218,7 @@ def _load_dataset(name: str):
     """A `DatasetDict` from a folder of <split>.parquet files, one .parquet file or a Hub id, or a `CliError`."""
     from datasets import DatasetDict
 
-    from .data import load_image_dataset
+    from .data.images import load_image_dataset
 
     if not Path(name).exists() and _looks_like_local_path(name):
         raise CliError(
@@ -250,7 +250,7 @@ def _load_split(name: str, split: str):
 
 
 def _label_column(split) -> str:
-    from .data import LABEL_COLUMNS, find_column
+    from .data.images import LABEL_COLUMNS, find_column
 
     try:
         return find_column(split.column_names, LABEL_COLUMNS, "label")
@@ -283,8 +283,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     import torch
     from datasets import DatasetDict
 
-    from .data import prepare_image_dataset, strided_subset
-    from .evaluation import top1_accuracy
+    from .data.images import prepare_image_dataset, strided_subset
+    from .metrics import top1_accuracy
 
     try:
         device = torch.device(args.device)
@@ -433,8 +433,8 @@ examples:
 def train_command(args: argparse.Namespace) -> int:
     from datasets import DatasetDict
 
-    from .data import image_collator, prepare_image_dataset, strided_subset
-    from .evaluation import top1_accuracy
+    from .data.images import image_collator, prepare_image_dataset, strided_subset
+    from .metrics import top1_accuracy
     from .trainer import HKTTrainer
 
     namespace = _train_namespace(args)
@@ -588,7 +588,7 @@ def _demo_task(args: argparse.Namespace):
     """The digits task, or one built from --dataset / --parent / --child."""
     from datasets import DatasetDict
 
-    from .data import prepare_image_dataset, strided_subset
+    from .data.images import prepare_image_dataset, strided_subset
     from .demo import cifar_resnet, digits_task
     from .models import cifar_image_processor
 

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from hkt_hf.checkpoint import import_checkpoint, infer_depth, load_reference_state_dict
-from hkt_hf.data import load_image_dataset, prepare_image_dataset, strided_subset
-from hkt_hf.evaluation import top1_accuracy
+from hkt_hf.models.cifar_resnet.convert_reference_checkpoint import import_checkpoint, infer_depth, load_reference_state_dict
+from hkt_hf.data.images import load_image_dataset, prepare_image_dataset, strided_subset
+from hkt_hf.metrics import top1_accuracy
 from hkt_hf.models import IMAGENET_MEAN, IMAGENET_STD, CifarResNetForImageClassification
 
 

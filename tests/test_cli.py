@@ -11,8 +11,8 @@ from datasets import DatasetDict
 from transformers import AutoModelForImageClassification
 
 from hkt_hf import cli
-from hkt_hf.data import load_image_dataset, prepare_image_dataset, strided_subset
-from hkt_hf.evaluation import top1_accuracy
+from hkt_hf.data.images import load_image_dataset, prepare_image_dataset, strided_subset
+from hkt_hf.metrics import top1_accuracy
 from hkt_hf.models import cifar_image_processor
 
 

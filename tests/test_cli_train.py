@@ -14,8 +14,8 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from hkt_hf import cli
 from hkt_hf.config import HKTConfig
-from hkt_hf.data import load_image_dataset, prepare_image_dataset, strided_subset
-from hkt_hf.evaluation import top1_accuracy
+from hkt_hf.data.images import load_image_dataset, prepare_image_dataset, strided_subset
+from hkt_hf.metrics import top1_accuracy
 from hub_server import FakeHub
 from test_hub import hub_env
 

@@ -13,8 +13,9 @@ from transformers import AutoModel
 
 from helpers import import_example
 from hkt_hf import HKTConfig, HKTTrainer, HKTTrainingArguments
-from hkt_hf.data import load_image_dataset
-from hkt_hf.flow_data import KnownWarpFlow, evaluate_flow
+from hkt_hf.data.images import load_image_dataset
+from hkt_hf.data.optical_flow import KnownWarpFlow
+from hkt_hf.metrics import evaluate_flow
 from hkt_hf.models import RaftConfig, RaftForOpticalFlow
 from hkt_hf.models.raft import OpticalFlowOutput, sequence_loss
 from hkt_hf.objective import kd_loss
