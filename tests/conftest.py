@@ -19,9 +19,10 @@ os.environ.setdefault("HF_DATASETS_CACHE", _DATASETS_CACHE)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from helpers import NEEDS_SHARED, SHARED  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # small copies committed with the tests (fixtures/README.md)
-SHARED = REPO_ROOT.parent / "shared"  # the full data, beside the repository in the development setup only
 CHECKPOINTS = {
     "resnet20": "resnet20-12fca82f.th",
     "resnet32": "resnet32-d509ac18.th",
@@ -30,8 +31,6 @@ CHECKPOINTS = {
     "hkt-resnet20": "hkt-resnet20.pth",
 }
 TINY_ROWS = 64
-NEEDS_SHARED = f"needs the full CIFAR-10 data and checkpoints in ../shared ({SHARED}), absent here"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=NEEDS_SHARED)
 
 
 def pytest_sessionfinish(session, exitstatus):
