@@ -53,8 +53,8 @@ from common import (  # noqa: E402
 )
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments  # noqa: E402
-from hkt_hf.data import image_collator  # noqa: E402
-from hkt_hf.evaluation import top1_accuracy  # noqa: E402
+from hkt_hf.data.images import image_collator  # noqa: E402
+from hkt_hf.metrics import top1_accuracy  # noqa: E402
 
 RESULTS_NAME = "cifar10.json"
 MODEL_CARD = REPO / "model_cards" / "hkt-resnet20-cifar10-jpeg.md"
@@ -332,7 +332,7 @@ accuracy (so the variant, though not any checkpoint or epoch, was chosen on the 
 Numbers are for this JPEG re-encode of CIFAR-10 only; they are not comparable with results on the original data.
 
 ## Lineage
-- Child initialisation: `{CHECKPOINTS['resnet20']}` (public CIFAR ResNet-20), imported with `hkt_hf.checkpoint`.
+- Child initialisation: `{CHECKPOINTS['resnet20']}` (public CIFAR ResNet-20), imported with `hkt_hf.models.cifar_resnet.convert_reference_checkpoint`.
 - Parent: `{CHECKPOINTS['resnet56']}` (public CIFAR ResNet-56), adapted to the JPEG training split for
   {rec['parent_steps']} steps with the recipe below (seed 0), then frozen.
 - HKT settings (`hkt_config.json`): `{json.dumps(config, sort_keys=True)}`.

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from hkt_hf.checkpoint import import_checkpoint
-from hkt_hf.data import load_image_dataset, random_crop_flip, strided_subset, to_rgb_array
+from hkt_hf.models.cifar_resnet.convert_reference_checkpoint import import_checkpoint
+from hkt_hf.data.images import load_image_dataset, random_crop_flip, strided_subset, to_rgb_array
 from hkt_hf.models import IMAGENET_MEAN, IMAGENET_STD, CifarResNetForImageClassification
 
 REPO = Path(__file__).resolve().parents[1]

@@ -54,7 +54,7 @@ from common import (  # noqa: E402
 )
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments  # noqa: E402
-from hkt_hf.data import image_collator  # noqa: E402
+from hkt_hf.data.images import image_collator  # noqa: E402
 from hkt_hf.mixture import GeneticGate  # noqa: E402
 from hkt_hf.objective import kd_loss  # noqa: E402
 

@@ -6,7 +6,7 @@ seed: RAFT-small trained alone, with classic KD (L1 between its final flow and t
 2 carriers (feature encoder and context encoder outputs, 1/8 resolution) and on 3 (plus the feature encoder's
 1/4-resolution `layer2`). Reports the end-point error (EPE, pixels) of the child alone at evaluation.
 
-Data: pairs with exactly known flow made from real CIFAR-10 images by known warps (`hkt_hf.flow_data`: a mosaic
+Data: pairs with exactly known flow made from real CIFAR-10 images by known warps (`hkt_hf.data.optical_flow`: a mosaic
 background and 1-2 elliptical objects, each moving by its own random similarity transform, FlyingChairs-style;
 128x128, RAFT's minimum). Training pairs come from the train split, evaluation pairs from the test split, seeded
 and reproducible. It is a synthetic motion of real photographs, not Sintel or KITTI. `--images` takes any image
@@ -33,8 +33,9 @@ from comparison import KDTrainer, cached_parent, last_gate_logs, run_all, write_
 from transformers import Trainer, TrainingArguments, set_seed
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments
-from hkt_hf.data import CIFAR10_HUB_ID, load_image_dataset
-from hkt_hf.flow_data import KnownWarpFlow, evaluate_flow
+from hkt_hf.data.images import CIFAR10_HUB_ID, load_image_dataset
+from hkt_hf.data.optical_flow import KnownWarpFlow
+from hkt_hf.metrics import evaluate_flow
 from hkt_hf.models import RaftConfig, RaftForOpticalFlow
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"

@@ -27,8 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
-from .data import image_collator
-from .evaluation import top1_accuracy
+from .data.images import image_collator
+from .metrics import top1_accuracy
 from .models import CifarResNetConfig, CifarResNetForImageClassification
 from .trainer import HKTTrainer
 from .training_args import HKTTrainingArguments

@@ -1,5 +1,6 @@
-"""Shared fixtures: the real CIFAR-10 data and reference checkpoints in ../shared, small datasets cut from them,
-and imported models. Everything runs offline; the datasets cache lives in a per-session temporary folder.
+"""Shared fixtures: real CIFAR-10 images and reference checkpoints (small copies in tests/fixtures; the full data in
+../shared, where present, for the few tests that need it), small datasets cut from them, and imported models. Everything runs offline; the datasets cache lives in a per-session
+temporary folder.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ os.environ.setdefault("HF_DATASETS_CACHE", _DATASETS_CACHE)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from helpers import NEEDS_SHARED, SHARED  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # small copies committed with the tests (fixtures/README.md)
 CHECKPOINTS = {
     "resnet20": "resnet20-12fca82f.th",
     "resnet32": "resnet32-d509ac18.th",
@@ -35,20 +38,24 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def _require(path: Path) -> Path:
-    # A missing shared resource is a broken checkout, not a reason to skip: fail loudly.
-    assert path.exists(), f"Shared test resource {path} is missing (expected beside the repository, in ../shared)."
+    # A missing committed fixture is a broken checkout, not a reason to skip: fail loudly.
+    assert path.exists(), f"Test fixture {path} is missing (see tests/fixtures/README.md)."
+    return path
+
+
+def _shared(path: Path) -> Path:
+    """A file of ../shared: skip the test when the folder is absent (a fresh clone), fail if it lacks the file."""
+    if not SHARED.is_dir():
+        pytest.skip(NEEDS_SHARED)
+    assert path.exists(), f"Shared test resource {path} is missing from ../shared."
     return path
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    return _require(SHARED)
-
-
-@pytest.fixture(scope="session")
-def cifar_dir(shared_dir) -> Path:
-    """Folder holding the real CIFAR-10 `train.parquet` and `test.parquet` (JPEG re-encode, rows sorted by label)."""
-    return _require(shared_dir / "data" / "cifar10")
+def cifar_dir() -> Path:
+    """Folder holding `train.parquet` (500 rows) and `test.parquet` (1,000 rows): a seeded stratified subset of the
+    real CIFAR-10 JPEG re-encode, rows sorted by label, committed in tests/fixtures/cifar10."""
+    return _require(FIXTURES / "cifar10")
 
 
 @pytest.fixture(scope="session")
@@ -57,31 +64,34 @@ def cifar_test_parquet(cifar_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def models_dir(shared_dir) -> Path:
-    return _require(shared_dir / "models" / "cifar-resnet")
+def full_cifar_test_parquet() -> Path:
+    """The full real test split (10,000 rows) in ../shared; the test is skipped where ../shared is absent."""
+    return _shared(SHARED / "data" / "cifar10" / "test.parquet")
 
 
 @pytest.fixture(scope="session")
-def checkpoint_path(models_dir):
-    """`checkpoint_path("resnet20")` -> path of that reference checkpoint file."""
+def checkpoint_path():
+    """`checkpoint_path("resnet20")` -> path of that reference checkpoint file: the committed copy in
+    tests/fixtures/cifar-resnet (ResNet-20 and -56), else the one in ../shared (skipped where that is absent)."""
 
     def get(name: str) -> Path:
-        return _require(models_dir / CHECKPOINTS[name])
+        committed = FIXTURES / "cifar-resnet" / CHECKPOINTS[name]
+        return committed if committed.is_file() else _shared(SHARED / "models" / "cifar-resnet" / CHECKPOINTS[name])
 
     return get
 
 
 @pytest.fixture(scope="session")
 def _cifar_test_split_pristine(cifar_test_parquet):
-    from hkt_hf.data import load_image_dataset
+    from hkt_hf.data.images import load_image_dataset
 
     return load_image_dataset(str(cifar_test_parquet))["test"]
 
 
 @pytest.fixture(scope="module")
 def cifar_test_split(_cifar_test_split_pristine):
-    """The full real test split (10,000 rows) as a raw `datasets.Dataset` (columns `img`, `label`), rows sorted by
-    label. Each test module gets its own copy: `set_transform` (as in `prepare_image_dataset`) changes a dataset in
+    """The fixture test split (1,000 real CIFAR-10 images, 100 per label) as a raw `datasets.Dataset` (columns `img`,
+    `label`), rows sorted by label. Each test module gets its own copy: `set_transform` (as in `prepare_image_dataset`) changes a dataset in
     place, so a module that sets one should still `select`/`strided_subset` first or load its own copy."""
     return _cifar_test_split_pristine.with_format(None)
 
@@ -89,7 +99,7 @@ def cifar_test_split(_cifar_test_split_pristine):
 @pytest.fixture(scope="session")
 def tiny_cifar_dir(tmp_path_factory, _cifar_test_split_pristine) -> Path:
     """A folder with `train.parquet` and `test.parquet` of 64 real CIFAR images each, taken with a stride from the
-    shared test split (so every label is present), in the Hub's column layout."""
+    fixture test split (so every label is present), in the Hub's column layout."""
     out = tmp_path_factory.mktemp("tiny-cifar")
     split = _cifar_test_split_pristine
     n = len(split)
@@ -101,7 +111,7 @@ def tiny_cifar_dir(tmp_path_factory, _cifar_test_split_pristine) -> Path:
 
 @pytest.fixture(scope="session")
 def _tiny_cifar_pristine(tiny_cifar_dir):
-    from hkt_hf.data import load_image_dataset
+    from hkt_hf.data.images import load_image_dataset
 
     return load_image_dataset(str(tiny_cifar_dir))
 
@@ -119,7 +129,7 @@ def tiny_cifar(_tiny_cifar_pristine):
 @pytest.fixture(scope="session")
 def resnet20_dir(tmp_path_factory, checkpoint_path) -> Path:
     """The reference ResNet-20 imported into a save_pretrained folder (model, config, preprocessor)."""
-    from hkt_hf.checkpoint import import_checkpoint
+    from hkt_hf.models.cifar_resnet.convert_reference_checkpoint import import_checkpoint
 
     out = tmp_path_factory.mktemp("resnet20")
     import_checkpoint(checkpoint_path("resnet20"), out)

@@ -19,6 +19,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 from common import CifarTensors, normalise  # noqa: E402
+from helpers import needs_shared  # noqa: E402
 
 from hkt_hf.models import cifar_image_processor  # noqa: E402
 
@@ -47,6 +48,7 @@ def test_cifar_tensors_augment_only_the_training_rows(random_image):
         CifarTensors(images, labels[:3], train=True)
 
 
+@needs_shared
 def test_step_cost_quick_reports_every_key():
     last = run_script(str(BENCHMARKS / "step_cost.py"), "--quick").strip().splitlines()[-1]
     result = json.loads(last)
@@ -58,6 +60,7 @@ def test_step_cost_quick_reports_every_key():
     assert result["saved_mib"]["reference"] > 2 * result["saved_mib"]["hkt"]
 
 
+@needs_shared
 def test_cifar10_quick_writes_resumable_results(tmp_path):
     script = str(BENCHMARKS / "cifar10.py")
     run_script(script, "--quick", "--out", str(tmp_path))

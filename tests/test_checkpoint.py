@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from hkt_hf.checkpoint import import_checkpoint, infer_depth, load_reference_state_dict
-from hkt_hf.data import load_image_dataset, prepare_image_dataset, strided_subset
-from hkt_hf.evaluation import top1_accuracy
+from hkt_hf.models.cifar_resnet.convert_reference_checkpoint import import_checkpoint, infer_depth, load_reference_state_dict
+from hkt_hf.data.images import load_image_dataset, prepare_image_dataset, strided_subset
+from hkt_hf.metrics import top1_accuracy
 from hkt_hf.models import IMAGENET_MEAN, IMAGENET_STD, CifarResNetForImageClassification
 
 
@@ -30,15 +30,26 @@ def resnet20(resnet20_dir) -> CifarResNetForImageClassification:
     return AutoModelForImageClassification.from_pretrained(resnet20_dir).eval()
 
 
-@pytest.fixture(scope="module")
-def prepared_test_split(cifar_test_parquet, resnet20_dir):
-    """The full real test split with the processor saved by `import_checkpoint`, no augmentation.
+def _prepared(parquet, resnet20_dir):
+    """A test split with the processor saved by `import_checkpoint`, no augmentation.
 
     Loaded afresh: `prepare_image_dataset` sets a transform in place, which must not leak into the shared
     session fixture `cifar_test_split`.
     """
     processor = AutoImageProcessor.from_pretrained(resnet20_dir)
-    return prepare_image_dataset(load_image_dataset(str(cifar_test_parquet)), processor, train_split=None)["test"]
+    return prepare_image_dataset(load_image_dataset(str(parquet)), processor, train_split=None)["test"]
+
+
+@pytest.fixture(scope="module")
+def prepared_test_split(cifar_test_parquet, resnet20_dir):
+    """The fixture test split (1,000 real images, 100 per label)."""
+    return _prepared(cifar_test_parquet, resnet20_dir)
+
+
+@pytest.fixture(scope="module")
+def full_prepared_test_split(full_cifar_test_parquet, resnet20_dir):
+    """The full real test split (10,000 images) of ../shared."""
+    return _prepared(full_cifar_test_parquet, resnet20_dir)
 
 
 def test_imported_resnet20_structure(resnet20):
@@ -160,8 +171,9 @@ def test_accuracy_on_1000_images_matches_independent_computation(resnet20, prepa
 @pytest.mark.parametrize(
     ("name", "expected"), [("resnet20", 81.03), ("resnet56", 83.20), ("hkt-resnet20", 80.53)]
 )
-def test_full_test_split_accuracy_matches_the_independent_record(name, expected, checkpoint_path, prepared_test_split):
+def test_full_test_split_accuracy_matches_the_independent_record(name, expected, checkpoint_path,
+                                                                full_prepared_test_split):
     """The accuracies recorded in shared/data/cifar10/README.md by an independent evaluator (10,000 images)."""
     model = import_checkpoint(checkpoint_path(name))
-    accuracy = top1_accuracy(model, prepared_test_split, batch_size=500, progress=False)
+    accuracy = top1_accuracy(model, full_prepared_test_split, batch_size=500, progress=False)
     assert accuracy == pytest.approx(expected, abs=0.05)

@@ -11,8 +11,9 @@ from datasets import DatasetDict
 from transformers import AutoModelForImageClassification
 
 from hkt_hf import cli
-from hkt_hf.data import load_image_dataset, prepare_image_dataset, strided_subset
-from hkt_hf.evaluation import top1_accuracy
+from hkt_hf.cli import evaluate as evaluate_command
+from hkt_hf.data.images import load_image_dataset, prepare_image_dataset, strided_subset
+from hkt_hf.metrics import top1_accuracy
 from hkt_hf.models import cifar_image_processor
 
 
@@ -23,11 +24,20 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_registry_has_one_parser_per_subcommand():
-    assert {"import-checkpoint", "evaluate"} <= set(cli.SUBCOMMANDS)
+    assert {"import-checkpoint", "evaluate", "train", "push", "demo"} <= set(cli.COMMANDS)
     parser = cli.build_parser()
     args = parser.parse_args(["evaluate", "--model", "m", "--dataset", "d"])
-    assert args.run is cli.SUBCOMMANDS["evaluate"].run
-    assert (args.split, args.batch_size, args.limit, args.device, args.json) == ("test", 256, None, "cpu", False)
+    assert args.command == "evaluate"
+    (options,) = cli.options_from(args, cli.COMMANDS["evaluate"].options)
+    assert isinstance(options, evaluate_command.EvaluateOptions)
+    assert (options.split, options.batch_size, options.limit, options.device, options.json) == ("test", 256, None,
+                                                                                               "cpu", False)
+
+
+def test_positionals_and_dashed_flags_fill_the_options():
+    args = cli.build_parser().parse_args(["import-checkpoint", "a.th", "out", "--allow-pickle"])
+    (options,) = cli.options_from(args, cli.COMMANDS["import-checkpoint"].options)
+    assert (options.src, options.out_dir, options.allow_pickle) == ("a.th", "out", True)
 
 
 @pytest.mark.parametrize("name", ["import-checkpoint", "evaluate"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,10 +13,11 @@ import yaml
 from datasets import DatasetDict
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from hkt_hf import cli
+from hkt_hf import HKTTrainingArguments, cli
+from hkt_hf.cli import train as train_command
 from hkt_hf.lineage import read_lineage
-from hkt_hf.data import load_image_dataset, prepare_image_dataset, strided_subset
-from hkt_hf.evaluation import top1_accuracy
+from hkt_hf.data.images import load_image_dataset, prepare_image_dataset, strided_subset
+from hkt_hf.metrics import top1_accuracy
 from hub_server import FakeHub
 from test_hub import hub_env
 
@@ -26,12 +28,13 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-def parsed(*argv) -> object:
-    """The namespace `hkt-hf train` works on, config file merged, without training."""
+def parsed(*argv) -> SimpleNamespace:
+    """The options `hkt-hf train` works on (its own and the training arguments in one namespace), config file
+    merged, without training."""
     argv = [str(a) for a in argv]
-    args = cli.build_parser().parse_args(["train", *argv])
-    args.command_argv = argv
-    return cli._train_namespace(args)
+    data, training_args = train_command.parse(cli.build_parser().parse_args(["train", *argv]), argv)
+    assert isinstance(training_args, HKTTrainingArguments)
+    return SimpleNamespace(**vars(training_args), **vars(data))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset, DatasetDict, Image as ImageFeature
 from PIL import Image
 
-from hkt_hf.data import (
+from hkt_hf.data.images import (
     image_collator,
     load_image_dataset,
     prepare_image_dataset,

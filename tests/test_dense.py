@@ -16,15 +16,9 @@ from PIL import Image
 from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessorPil
 
 from hkt_hf import HKTTrainer
-from hkt_hf.dense_data import (
-    confusion_matrix,
-    evaluate_segmentation,
-    iou_scores,
-    make_pasted_segmentation,
-    paste_scene,
-    prepare_segmentation_dataset,
-)
+from hkt_hf.data.segmentation import make_pasted_segmentation, paste_scene, prepare_segmentation_dataset
 from hkt_hf.extraction import FeatureExtractor, FeatureSpec
+from hkt_hf.metrics import confusion_matrix, evaluate_segmentation, iou_scores
 from hkt_hf.objective import kd_loss
 from hkt_hf.transfer import Aligner
 
@@ -229,10 +223,10 @@ def test_gate_is_computed_per_spatial_position_for_segformer_maps(tmp_path, scen
 # ---- the example --------------------------------------------------------------------------------------------------
 
 
-def test_segmentation_example_quick_run(tmp_path, monkeypatch):
+def test_segmentation_example_quick_run(tmp_path, monkeypatch, cifar_dir):
     example = import_example("segmentation", monkeypatch)
     out = tmp_path / "metrics.json"
-    result = example.main(["--quick", "--output_dir", str(tmp_path / "runs"), "--json", str(out)])
+    result = example.main(["--quick", "--images", str(cifar_dir), "--output_dir", str(tmp_path / "runs"), "--json", str(out)])
     assert [r["method"] for r in result["runs"]] == ["alone", "kd", "hkt"]
     for run in result["runs"]:
         assert 0 <= run["mean_iou"] <= 100 and 0 <= run["pixel_accuracy"] <= 100

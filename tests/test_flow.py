@@ -4,7 +4,6 @@ and three carriers through HKTTrainer, and the example's quick run (and its resu
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,21 +14,20 @@ from transformers import AutoModel
 from helpers import import_example
 from hkt_hf import HKTTrainer, HKTTrainingArguments
 from hkt_hf.lineage import read_lineage
-from hkt_hf.data import load_image_dataset
-from hkt_hf.flow_data import KnownWarpFlow, evaluate_flow
+from hkt_hf.data.images import load_image_dataset
+from hkt_hf.data.optical_flow import KnownWarpFlow
+from hkt_hf.metrics import evaluate_flow
 from hkt_hf.models import RaftConfig, RaftForOpticalFlow
 from hkt_hf.models.raft import OpticalFlowOutput, sequence_loss
 from hkt_hf.objective import kd_loss
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10"
 TWO = ["raft.feature_encoder=raft.feature_encoder", "raft.context_encoder=raft.context_encoder"]
 THREE = [*TWO, "raft.feature_encoder.layer2=raft.feature_encoder.layer2"]
 
 
 @pytest.fixture(scope="module")
-def cifar():
-    return load_image_dataset(str(SHARED_CIFAR))
+def cifar(cifar_dir):
+    return load_image_dataset(str(cifar_dir))
 
 
 @pytest.fixture(scope="module")
@@ -190,10 +188,10 @@ def test_hkt_trains_raft_small_from_raft_with_several_carriers(tmp_path, pairs, 
 # ---- the example --------------------------------------------------------------------------------------------------
 
 
-def test_optical_flow_example_quick_run_and_resume(tmp_path, monkeypatch, capsys):
+def test_optical_flow_example_quick_run_and_resume(tmp_path, monkeypatch, capsys, cifar_dir):
     example = import_example("optical_flow", monkeypatch)
     out = tmp_path / "metrics.json"
-    argv = ["--quick", "--output_dir", str(tmp_path / "runs"), "--json", str(out)]
+    argv = ["--quick", "--images", str(cifar_dir), "--output_dir", str(tmp_path / "runs"), "--json", str(out)]
     result = example.main(argv)
     assert [r["method"] for r in result["runs"]] == ["alone", "kd", "hkt-2", "hkt-3"]
     for run in result["runs"]:

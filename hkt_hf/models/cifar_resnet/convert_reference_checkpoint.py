@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .models import CifarResNetConfig, CifarResNetForImageClassification, cifar_image_processor
+from .. import cifar_image_processor
+from .configuration_cifar_resnet import CifarResNetConfig
+from .modeling_cifar_resnet import CifarResNetForImageClassification
 
 _BLOCK_KEY = re.compile(r"^layer(\d)\.(\d+)\.")
 

@@ -1,4 +1,5 @@
-"""Optical-flow data with exactly known flow, made from real photographs by known warps, and end-point error.
+"""Optical-flow data with exactly known flow, made from real photographs by known warps (the end-point error is in
+`hkt_hf.metrics`).
 
 No optical-flow dataset can be downloaded offline, so pairs are built in the manner of FlyingChairs: a background
 mosaic of real images (e.g. CIFAR-10, each resized to `tile` pixels) moves by one random similarity transform
@@ -19,10 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .data import IMAGE_COLUMNS, find_column, to_rgb_array
-from .models.raft import end_point_error
+from .images import IMAGE_COLUMNS, find_column, to_rgb_array
 
 BACKGROUND_MOTION = dict(degrees=5.0, scale=0.07, shift=8.0)
 OBJECT_MOTION = dict(degrees=15.0, scale=0.15, shift=16.0)
@@ -125,26 +125,3 @@ class KnownWarpFlow(Dataset):
         valid = ((target >= 0) & (target <= size - 1)).all(dim=-1)
         return {"image1": frame1.float(), "image2": frame2.float(), "labels": flow.permute(2, 0, 1).float(),
                 "valid": valid}
-
-
-@torch.no_grad()
-def evaluate_flow(model: torch.nn.Module, dataset: Dataset, batch_size: int = 16) -> dict[str, float]:
-    """End-point error of `model` over the valid pixels of `dataset` (pixel-weighted mean, as on Sintel/KITTI),
-    and the share of valid pixels within 1, 3 and 5 pixels, in percent. Runs the model alone, in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count, within = 0.0, 0, {1: 0, 3: 0, 5: 0}
-    try:
-        for batch in DataLoader(dataset, batch_size=batch_size):
-            flow = model(image1=batch["image1"].to(device), image2=batch["image2"].to(device)).predicted_flow
-            epe = end_point_error(flow.cpu(), batch["labels"])[batch["valid"]]
-            total += epe.double().sum().item()
-            count += epe.numel()
-            for px in within:
-                within[px] += int((epe < px).sum())
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("The evaluation pairs have no valid pixel; cannot compute the end-point error.")
-    return {"epe": total / count, **{f"{px}px": 100.0 * n / count for px, n in within.items()}}

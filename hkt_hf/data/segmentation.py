@@ -1,5 +1,5 @@
-"""Dense-prediction data and metrics: a reproducible segmentation task built from real classification images, any
-Hub segmentation dataset prepared for SegFormer-style models, and mean IoU from a confusion matrix.
+"""Segmentation data: a reproducible segmentation task built from real classification images, and any Hub
+segmentation dataset prepared for SegFormer-style models (mean IoU is in `hkt_hf.metrics`).
 
 The "pasted objects" task (no segmentation dataset can be downloaded offline): each scene is a 64x64 canvas with a
 smooth random colour background (label 0) onto which 2-4 real images (e.g. CIFAR-10) are pasted, each resized to a
@@ -17,10 +17,9 @@ import numpy as np
 import torch
 from datasets import Dataset
 from PIL import Image
-from torch.utils.data import DataLoader
 from transformers import BaseImageProcessor, DefaultDataCollator
 
-from .data import IMAGE_COLUMNS, LABEL_COLUMNS, find_column, to_rgb_array
+from .images import IMAGE_COLUMNS, LABEL_COLUMNS, find_column, to_rgb_array
 
 MASK_COLUMNS = ("label", "annotation", "mask", "semantic_mask", "segmentation_mask", "labels")
 SCENE_IMAGE_COLUMNS = ("image", *IMAGE_COLUMNS)
@@ -124,49 +123,3 @@ def prepare_segmentation_dataset(dataset: Dataset, processor: BaseImageProcessor
     mask_column = find_column(dataset.column_names, MASK_COLUMNS, "segmentation mask")
     dataset.set_transform(segmentation_transform(processor, train, image_column, mask_column))
     return dataset
-
-
-def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_labels: int, ignore_index: int = 255) -> np.ndarray:
-    """[num_labels, num_labels] counts, rows = true class, columns = predicted class; `ignore_index` pixels skipped."""
-    valid = target != ignore_index
-    pred, target = pred[valid].astype(np.int64), target[valid].astype(np.int64)
-    if target.size and (target.min() < 0 or target.max() >= num_labels):
-        raise ValueError(f"Mask values must lie in [0, {num_labels}) or equal ignore_index {ignore_index}.")
-    return np.bincount(target * num_labels + pred, minlength=num_labels**2).reshape(num_labels, num_labels)
-
-
-def iou_scores(confusion: np.ndarray) -> dict[str, float]:
-    """Mean IoU over the classes that occur in the truth or the predictions, and pixel accuracy, in percent."""
-    tp = np.diag(confusion).astype(np.float64)
-    union = confusion.sum(0) + confusion.sum(1) - tp
-    present = union > 0
-    if not present.any():
-        raise ValueError("The confusion matrix is empty: no pixel was evaluated.")
-    return {
-        "mean_iou": float(100.0 * (tp[present] / union[present]).mean()),
-        "pixel_accuracy": float(100.0 * tp.sum() / confusion.sum()),
-    }
-
-
-@torch.no_grad()
-def evaluate_segmentation(
-    model: torch.nn.Module, dataset, num_labels: int, batch_size: int = 64, ignore_index: int = 255
-) -> dict[str, float]:
-    """mIoU and pixel accuracy of a segmentation model on a prepared dataset, at the masks' resolution.
-
-    Logits at a lower resolution (SegFormer predicts at 1/4) are upsampled bilinearly first, as its loss does.
-    """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    confusion = np.zeros((num_labels, num_labels), dtype=np.int64)
-    try:
-        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=DefaultDataCollator(return_tensors="pt")):
-            logits = model(pixel_values=batch["pixel_values"].to(device)).logits
-            labels = batch["labels"]
-            logits = torch.nn.functional.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear",
-                                                     align_corners=False)
-            confusion += confusion_matrix(logits.argmax(1).cpu().numpy(), labels.numpy(), num_labels, ignore_index)
-    finally:
-        model.train(was_training)
-    return iou_scores(confusion)
