@@ -1,0 +1,142 @@
+"""The HKT versions of transformers' official example scripts (`examples/official/run_*.py`), end to end.
+
+Each script runs in a subprocess, as a user runs it, on a few dozen rows written here and tiny models saved here
+(a child and a wider parent): it trains a few steps, evaluates, saves the child and writes the model card (the
+scripts' last line, `trainer.create_model_card(**kwargs)`). The test reloads the child with its Auto class, checks
+the card's metadata and lineage section, and the lineage record `hkt_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessorPil,
+)
+
+from helpers import one_torch_thread
+from hkt_hf.hub import check_child_folder
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO_ROOT / "examples" / "official"
+LINEAGE_HEADING = "Hereditary Knowledge Transfer lineage"
+HKT_TAGS = {"hkt", "knowledge-distillation", "hereditary-knowledge-transfer"}
+WORDS = "the a cat dog bird sees eats likes runs sleeps big small red green fast slow happy sad good bad".split()
+# A few steps of everything, on the CPU, nothing reported, no checkpoints.
+COMMON_ARGS = [
+    "--do_train", "--do_eval", "--max_steps", "3", "--learning_rate", "1e-3", "--per_device_train_batch_size", "4",
+    "--per_device_eval_batch_size", "4", "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--seed", "0",
+    "--logging_steps", "1",
+]
+# `--hkt_carriers auto` (the default) does not yet find the `lm_head` of causal LMs and T5 in this checkout
+# ("Cannot find the classification head"); until it does, the LM runs name the carrier it will resolve to.
+# Once auto covers them, set LM_CARRIERS = [] so these runs use the default, as the scripts' users do.
+LM_CARRIERS = ["--hkt_carriers", "lm_head:input=lm_head:input"]
+
+
+def sentences(n: int, seed: int, length: tuple[int, int] = (4, 9)) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(*length))) for _ in range(n)]
+
+
+def bpe_tokenizer(specials: list[str], **tokens: str) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (about 300 tokens) trained here on the word list; `tokens` names its specials."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(sentences(200, seed=1), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=128, **tokens)
+
+
+def save(model: torch.nn.Module, folder: Path, *processors) -> str:
+    model.save_pretrained(folder)
+    for processor in processors:
+        processor.save_pretrained(folder)
+    return str(folder)
+
+
+def run_script(name: str, args: list[str], monkeypatch) -> None:
+    """Run `examples/official/<name>` as `python <name> ARGS` does, in this process (one import of torch and
+    transformers for the four scripts, which matters on a busy 2-core machine)."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))  # as for a script: its folder first (local_metrics.py)
+    monkeypatch.setattr(sys, "argv", [str(SCRIPTS / name), *args, *COMMON_ARGS])
+    with one_torch_thread():
+        runpy.run_path(str(SCRIPTS / name), run_name="__main__")
+
+
+def check_outputs(out: Path, parent: str, *, tags: set[str], dataset: str | None = None) -> dict:
+    """The card (metadata from the script's kwargs plus HKT's tags, and the lineage section) and `hkt_config.json`;
+    returns the saved eval metrics."""
+    card = ModelCard.load(out / "README.md")
+    assert LINEAGE_HEADING in card.text
+    assert f"`{parent}`" in card.text
+    assert tags | HKT_TAGS <= set(card.data.tags)
+    if dataset is not None:
+        assert card.data.datasets == [dataset]
+    check_child_folder(out)  # config, weights without aligner / gate keys, lineage record
+    record = json.loads((out / "hkt_config.json").read_text())
+    assert record["hkt_parent"] == parent
+    assert record["hkt_carriers"]
+    metrics = json.loads((out / "eval_results.json").read_text())
+    assert all(np.isfinite(v) for v in metrics.values())
+    return metrics
+
+
+@pytest.fixture(scope="module")
+def gpt2_folders(tmp_path_factory) -> tuple[str, str]:
+    """(child, parent): a GPT-2 with one 16-wide layer and one with two 32-wide layers, sharing a tokenizer."""
+    root = tmp_path_factory.mktemp("gpt2")
+    tokenizer = bpe_tokenizer(["<|endoftext|>"], bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                              unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+    def gpt2(width: int, layers: int, seed: int) -> GPT2LMHeadModel:
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=width, n_layer=layers,
+                                          n_head=2, bos_token_id=0, eos_token_id=0))
+
+    return save(gpt2(16, 1, 0), root / "child", tokenizer), save(gpt2(32, 2, 1), root / "parent", tokenizer)
+
+
+def test_run_clm(tmp_path, monkeypatch, gpt2_folders):
+    child, parent = gpt2_folders
+    (tmp_path / "train.txt").write_text("\n".join(sentences(48, seed=2)) + "\n")
+    (tmp_path / "valid.txt").write_text("\n".join(sentences(16, seed=3)) + "\n")
+    out = tmp_path / "out"
+    run_script("run_clm.py", [
+        "--model_name_or_path", child, "--hkt_parent", parent, *LM_CARRIERS,
+        "--train_file", str(tmp_path / "train.txt"), "--validation_file", str(tmp_path / "valid.txt"),
+        "--block_size", "16", "--output_dir", str(out),
+    ], monkeypatch)
+    metrics = check_outputs(out, parent, tags={"generated_from_trainer"})
+    assert {"eval_loss", "eval_accuracy", "perplexity"} <= set(metrics)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer("the cat", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
