@@ -140,3 +140,54 @@ def test_run_clm(tmp_path, monkeypatch, gpt2_folders):
     prompt = tokenizer("the cat", return_tensors="pt")
     generated = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+def sentiment_rows(n: int, seed: int) -> list[dict[str, str]]:
+    """Sentences whose label is the mood word they contain."""
+    rng = random.Random(seed)
+    moods = {"positive": ["good", "happy"], "negative": ["bad", "sad"]}
+    rows = []
+    for text in sentences(n, seed):
+        label = rng.choice(sorted(moods))
+        rows.append({"sentence": f"{text} {rng.choice(moods[label])}", "label": label})
+    return rows
+
+
+def write_json_lines(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.fixture(scope="module")
+def bert_folders(tmp_path_factory) -> tuple[str, str]:
+    """(child, parent): BERT classifiers 16 and 32 wide with the labels of `sentiment_rows`, sharing a tokenizer."""
+    root = tmp_path_factory.mktemp("bert")
+    tokenizer = bpe_tokenizer(["[PAD]", "[UNK]"], pad_token="[PAD]", unk_token="[UNK]")
+    labels = {0: "negative", 1: "positive"}
+
+    def bert(width: int, layers: int, seed: int) -> BertForSequenceClassification:
+        torch.manual_seed(seed)
+        return BertForSequenceClassification(BertConfig(
+            vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=layers, num_attention_heads=2,
+            intermediate_size=2 * width, max_position_embeddings=64, pad_token_id=0, id2label=labels,
+        ))
+
+    return save(bert(16, 1, 0), root / "child", tokenizer), save(bert(32, 2, 1), root / "parent", tokenizer)
+
+
+def test_run_classification(tmp_path, monkeypatch, bert_folders):
+    child, parent = bert_folders
+    data = tmp_path / "sentiment"  # a local dataset folder: its train / validation files are the splits
+    write_json_lines(data / "train.json", sentiment_rows(48, seed=4))
+    write_json_lines(data / "validation.json", sentiment_rows(16, seed=5))
+    out = tmp_path / "out"
+    run_script("run_classification.py", [
+        "--model_name_or_path", child, "--hkt_parent", parent, "--dataset_name", str(data), "--max_seq_length", "32",
+        "--output_dir", str(out),
+    ], monkeypatch)
+    metrics = check_outputs(out, parent, tags={"generated_from_trainer"}, dataset=str(data))
+    assert {"eval_loss", "eval_accuracy"} <= set(metrics)
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model(**tokenizer(["the cat is happy"], return_tensors="pt")).logits.shape == (1, 2)
