@@ -191,3 +191,46 @@ def test_run_classification(tmp_path, monkeypatch, bert_folders):
     assert model.config.id2label == {0: "negative", 1: "positive"}
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model(**tokenizer(["the cat is happy"], return_tensors="pt")).logits.shape == (1, 2)
+
+
+def write_image_folder(folder: Path, per_class: int, seed: int) -> None:
+    """An `imagefolder` layout: `red/` and `blue/` hold noisy 16x16 PNGs dominated by that colour."""
+    rng = np.random.default_rng(seed)
+    for channel, name in ((0, "red"), (2, "blue")):
+        (folder / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 100, size=(16, 16, 3), dtype=np.uint8)
+            pixels[..., channel] += 150
+            Image.fromarray(pixels).save(folder / name / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def vit_folders(tmp_path_factory) -> tuple[str, str]:
+    """(child, parent): ViT classifiers 16 and 32 wide on 16x16 images, labels `blue`, `red` (the folder order)."""
+    root = tmp_path_factory.mktemp("vit")
+    processor = ViTImageProcessorPil(size={"height": 16, "width": 16})
+
+    def vit(width: int, layers: int, seed: int) -> ViTForImageClassification:
+        torch.manual_seed(seed)
+        return ViTForImageClassification(ViTConfig(
+            image_size=16, patch_size=4, hidden_size=width, num_hidden_layers=layers, num_attention_heads=2,
+            intermediate_size=2 * width, id2label={0: "blue", 1: "red"},
+        ))
+
+    return save(vit(16, 1, 0), root / "child", processor), save(vit(32, 2, 1), root / "parent", processor)
+
+
+def test_run_image_classification(tmp_path, monkeypatch, vit_folders):
+    child, parent = vit_folders
+    write_image_folder(tmp_path / "train", per_class=16, seed=6)
+    write_image_folder(tmp_path / "validation", per_class=6, seed=7)
+    out = tmp_path / "out"
+    run_script("run_image_classification.py", [
+        "--model_name_or_path", child, "--hkt_parent", parent, "--train_dir", str(tmp_path / "train"),
+        "--validation_dir", str(tmp_path / "validation"), "--remove_unused_columns", "False", "--output_dir", str(out),
+    ], monkeypatch)
+    metrics = check_outputs(out, parent, tags={"image-classification", "vision"})
+    assert {"eval_loss", "eval_accuracy"} <= set(metrics)
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert model.config.id2label == {0: "blue", 1: "red"}
+    assert model(pixel_values=torch.zeros(1, 3, 16, 16)).logits.shape == (1, 2)
