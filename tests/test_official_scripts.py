@@ -1,13 +1,15 @@
 """The HKT versions of transformers' official example scripts (`examples/official/run_*.py`), end to end.
 
-Each script runs in a subprocess, as a user runs it, on a few dozen rows written here and tiny models saved here
-(a child and a wider parent): it trains a few steps, evaluates, saves the child and writes the model card (the
-scripts' last line, `trainer.create_model_card(**kwargs)`). The test reloads the child with its Auto class, checks
-the card's metadata and lineage section, and the lineage record `hkt_config.json`.
+Each script runs as `python examples/official/run_*.py ARGS` would (`runpy`, in this process, so torch and
+transformers are imported once), on a few dozen rows written here and tiny models saved here (a child and a wider
+parent): it trains a few steps, evaluates, saves the child and writes the model card (the scripts' last line,
+`trainer.create_model_card(**kwargs)`). The test reloads the child with its Auto class (and generates with the LM
+children), checks the card's metadata and lineage section, and the lineage record `hkt_config.json`.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 import runpy
@@ -91,8 +93,8 @@ def run_script(name: str, args: list[str], monkeypatch) -> None:
 
 
 def check_outputs(out: Path, parent: str, *, tags: set[str], dataset: str | None = None) -> dict:
-    """The card (metadata from the script's kwargs plus HKT's tags, and the lineage section) and `hkt_config.json`;
-    returns the saved eval metrics."""
+    """The card (metadata from the script's kwargs plus HKT's tags, and the lineage section), the plain child and its
+    `hkt_config.json`, the HKT loss parts in the logs; returns the saved eval metrics."""
     card = ModelCard.load(out / "README.md")
     assert LINEAGE_HEADING in card.text
     assert f"`{parent}`" in card.text
@@ -103,6 +105,8 @@ def check_outputs(out: Path, parent: str, *, tags: set[str], dataset: str | None
     record = json.loads((out / "hkt_config.json").read_text())
     assert record["hkt_parent"] == parent
     assert record["hkt_carriers"]
+    logged = {key for entry in json.loads((out / "trainer_state.json").read_text())["log_history"] for key in entry}
+    assert {"hkt/loss_native", "hkt/loss_child_mixed", "hkt/loss_parent_head"} <= logged  # the HKT objective ran
     metrics = json.loads((out / "eval_results.json").read_text())
     assert all(np.isfinite(v) for v in metrics.values())
     return metrics
@@ -234,3 +238,48 @@ def test_run_image_classification(tmp_path, monkeypatch, vit_folders):
     model = AutoModelForImageClassification.from_pretrained(out)
     assert model.config.id2label == {0: "blue", 1: "red"}
     assert model(pixel_values=torch.zeros(1, 3, 16, 16)).logits.shape == (1, 2)
+
+
+@pytest.fixture(scope="module")
+def t5_folders(tmp_path_factory) -> tuple[str, str]:
+    """(child, parent): T5s 16 and 32 wide sharing a tokenizer with T5's special ids (pad 0, eos 1, unk 2)."""
+    root = tmp_path_factory.mktemp("t5")
+    tokenizer = bpe_tokenizer(["<pad>", "</s>", "<unk>"], pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+    def t5(width: int, layers: int, seed: int) -> T5ForConditionalGeneration:
+        torch.manual_seed(seed)
+        return T5ForConditionalGeneration(T5Config(
+            vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=2 * width, num_layers=layers, num_heads=2,
+            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        ))
+
+    return save(t5(16, 1, 0), root / "child", tokenizer), save(t5(32, 2, 1), root / "parent", tokenizer)
+
+
+def test_run_summarization(tmp_path, monkeypatch, t5_folders):
+    child, parent = t5_folders
+    for name, n, seed in (("train.json", 48, 8), ("valid.json", 8, 9)):
+        rows = [{"document": text, "headline": " ".join(text.split()[:3])} for text in sentences(n, seed, (6, 12))]
+        write_json_lines(tmp_path / name, rows)
+    out = tmp_path / "out"
+    run_script("run_summarization.py", [
+        "--model_name_or_path", child, "--hkt_parent", parent, *LM_CARRIERS,
+        "--train_file", str(tmp_path / "train.json"), "--validation_file", str(tmp_path / "valid.json"),
+        "--text_column", "document", "--summary_column", "headline", "--source_prefix", "summarize: ",
+        "--max_source_length", "32", "--max_target_length", "8", "--predict_with_generate", "--output_dir", str(out),
+    ], monkeypatch)
+    metrics = check_outputs(out, parent, tags={"generated_from_trainer"})
+    assert {"eval_loss", "eval_rouge1", "eval_rouge2", "eval_gen_len"} <= set(metrics)
+    model = AutoModelForSeq2SeqLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    generated = model.generate(**tokenizer(["summarize: the cat sees a dog"], return_tensors="pt"), max_new_tokens=4)
+    assert generated.shape[0] == 1 and 1 < generated.shape[1] <= 5
+
+
+def test_local_metrics(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    metrics = importlib.import_module("local_metrics")
+    assert metrics.accuracy(np.array([1, 2, 3, 4]), np.array([1, 2, 0, 4])) == {"accuracy": 0.75}
+    scores = metrics.rouge(["the cat sat", "a dog", "x"], ["the cat sat", "the dog", "y"])
+    # pair 1 exact; pair 2 shares "dog" (P = R = 1/2) and no bigram; pair 3 nothing
+    assert scores == pytest.approx({"rouge1": (1 + 0.5 + 0) / 3, "rouge2": (1 + 0 + 0) / 3})

@@ -80,7 +80,7 @@ class DataTrainingArguments:
     image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column_name: str = field(default="label", metadata={"help": "Column holding the labels (a ClassLabel)."})
     train_val_split: float = field(
-        default=0.15, metadata={"help": "Share of the train split used for validation when there is no validation split."}
+        default=0.15, metadata={"help": "Share of train held out for validation when there is no validation split."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set (debugging)."})
@@ -97,7 +97,9 @@ def main() -> None:
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses()
 
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", handlers=[logging.StreamHandler()])
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", handlers=[logging.StreamHandler(sys.stdout)]
+    )
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
