@@ -170,17 +170,17 @@ def main() -> None:
             "labels": torch.tensor([example[data_args.label_column_name] for example in examples]),
         }
 
+    def subset(split: str, max_samples: int | None) -> datasets.Dataset:
+        """A shuffled subset of at most `max_samples` rows (the whole split if None)."""
+        if max_samples is None:
+            return dataset[split]
+        return dataset[split].shuffle(seed=training_args.seed).select(range(min(len(dataset[split]), max_samples)))
+
     if training_args.do_train:
-        if data_args.max_train_samples is not None:
-            dataset["train"] = (
-                dataset["train"].shuffle(seed=training_args.seed).select(range(data_args.max_train_samples))
-            )
+        dataset["train"] = subset("train", data_args.max_train_samples)
         dataset["train"].set_transform(train_transforms)
     if training_args.do_eval:
-        if data_args.max_eval_samples is not None:
-            dataset["validation"] = (
-                dataset["validation"].shuffle(seed=training_args.seed).select(range(data_args.max_eval_samples))
-            )
+        dataset["validation"] = subset("validation", data_args.max_eval_samples)
         dataset["validation"].set_transform(val_transforms)
 
     trainer = HKTTrainer(
