@@ -40,11 +40,10 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
-from helpers import one_torch_thread
+from helpers import EXAMPLES, one_torch_thread
 from hkt_hf.hub import check_child_folder
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = REPO_ROOT / "examples" / "official"
+SCRIPTS = EXAMPLES / "official"
 LINEAGE_HEADING = "Hereditary Knowledge Transfer lineage"
 HKT_TAGS = {"hkt", "knowledge-distillation", "hereditary-knowledge-transfer"}
 WORDS = "the a cat dog bird sees eats likes runs sleeps big small red green fast slow happy sad good bad".split()
