@@ -35,15 +35,25 @@ class FeatureSpec:
         return self.module + (INPUT_SUFFIX if self.where == "input" else "")
 
 
+def base_of(model: nn.Module) -> nn.Module:
+    """The model under a PEFT wrapper (`get_base_model()`), else the model itself: carriers name its modules."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def resolve_module(model: nn.Module, name: str, role: str = "model") -> nn.Module:
-    """`model.get_submodule(name)` with an error that lists the closest existing names."""
-    try:
-        return model.get_submodule(name) if name else model
-    except AttributeError:
-        names = [n for n, _ in model.named_modules() if n]
-        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-        hint = f" Closest names: {', '.join(close)}." if close else f" Top-level modules: {', '.join(n for n in names if '.' not in n)}."
-        raise ValueError(f"The {role} ({type(model).__name__}) has no module named '{name}'.{hint}") from None
+    """`model.get_submodule(name)`, also by the base model's names under a PEFT wrapper; the error lists the
+    closest existing names."""
+    for root in dict.fromkeys((model, base_of(model))):  # the wrapper's own names, then the base model's
+        try:
+            return root.get_submodule(name) if name else root
+        except AttributeError:
+            pass
+    base = base_of(model)
+    names = [n for n, _ in base.named_modules() if n]
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    hint = f" Closest names: {', '.join(close)}." if close else f" Top-level modules: {', '.join(n for n in names if '.' not in n)}."
+    raise ValueError(f"The {role} ({type(base).__name__}) has no module named '{name}'.{hint}")
 
 
 def first_tensor(value: Any) -> torch.Tensor:

@@ -25,7 +25,8 @@ from .adapter import HKTAdapter, get_adapter, inject_adapter, remove_adapter
 from .carriers import resolve_carriers
 from .checkpointing import CheckpointCommitCallback, load_runtime_state_dict, resolve_resume_checkpoint
 from .config import HKTConfig
-from .objective import HKTObjective, NonFiniteLossError, StepResult, head_replay_possible, is_classifier, probe
+from .objective import HKTObjective, NonFiniteLossError, StepResult, head_replay_possible, probe
+from .tasks import is_classifier
 from .training_args import HKTTrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -113,9 +114,6 @@ class HKTTrainer(Trainer):
         if model is None:
             raise ValueError("HKTTrainer needs the child `model`; `model_init` is not supported.")
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
-        # Every HKT term is a per-batch mean, so the Trainer must divide by the accumulation steps itself.
-        self.model_accepts_loss_kwargs = False
-        self.loss_is_scaled_for_ga = False
         self.parent_model = self._load_parent(parent_model)
         check_compatible(self.parent_model, self.model)
         self.carriers = resolve_carriers(self.args.hkt_carriers, self.parent_model, self.model)
@@ -167,7 +165,7 @@ class HKTTrainer(Trainer):
             adapter = HKTAdapter(self.carriers, parent_shapes, child_shapes, self.args.hkt_gate, self.args.hkt_lambda)
             adapter.to(device=self.args.device, dtype=next(child.parameters()).dtype)
             inject_adapter(child, adapter)
-        self._objective = HKTObjective(self.parent_model, self.carriers, self.hkt_config, replay)
+        self._objective = HKTObjective(self.parent_model, self.carriers, self.args, replay)
         return adapter
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
@@ -202,7 +200,7 @@ class HKTTrainer(Trainer):
         child = self.accelerator.unwrap_model(model)
         adapter = self._ensure_adapter(child, inputs)
         try:
-            result = self._run_objective(model, child, adapter, inputs)
+            result = self._run_objective(model, child, adapter, inputs, num_items_in_batch)
         except NonFiniteLossError as err:
             message = f"Step {self.state.global_step + 1}: {err}"
             if self.hkt_config.on_nonfinite == "stop":
@@ -218,7 +216,8 @@ class HKTTrainer(Trainer):
         return (result.loss, result.outputs) if return_outputs else result.loss
 
     def _run_objective(
-        self, model: nn.Module, child: nn.Module, adapter: HKTAdapter, inputs: dict[str, Any]
+        self, model: nn.Module, child: nn.Module, adapter: HKTAdapter, inputs: dict[str, Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
     ) -> StepResult:
         """The objective under the run's autocast, inside the forward of any wrapper (DDP, DeepSpeed) around the child.
 
@@ -228,25 +227,36 @@ class HKTTrainer(Trainer):
         parameters (head, `hkt_adapter`) unsharded until backward, and sharded submodules gather on every call.
         """
 
+        def native(batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+            return self._native_loss(batch, num_items_in_batch)
+
         def step() -> StepResult:
             with self.accelerator.autocast():
-                return self._objective(child, child, adapter, inputs, self._native_loss)
+                return self._objective(child, adapter, inputs, native, self._items_per_process(num_items_in_batch))
 
         if model is child:
             return step()
         with forward_replaced(child, step):
             return model(**inputs)
 
-    def _native_loss(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
-        # Trainer's own loss (label smoothing, compute_loss_func) for the native term; it may pop from the dict.
-        return super().compute_loss(model, dict(inputs), return_outputs=True)
+    def _native_loss(
+        self, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        # Trainer's own loss (label smoothing, compute_loss_func) on the bare child for the native term; it may pop
+        # from the dict.
+        child = self.accelerator.unwrap_model(self.model)
+        return super().compute_loss(child, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch)
+
+    def _items_per_process(self, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | int | None:
+        """The count the HKT terms divide by: `Trainer.compute_loss` multiplies a loss normalised by the count over
+        all processes by their number (DDP averages gradients), so the same factor is taken out of the count."""
+        if num_items_in_batch is None or not self.args.average_tokens_across_devices:
+            return num_items_in_batch
+        return num_items_in_batch / (self.accelerator.num_processes // self.get_tp_size())
 
     def _record(self, result: StepResult) -> None:
-        for name, value in result.parts.items():
-            self._hkt_logs[f"hkt/loss_{name}"].append(value.detach())
-        for name, gate in result.gates.items():
-            self._hkt_logs[f"hkt/{name}/gate_mean"].append(gate.gate.detach().float().mean())
-            self._hkt_logs[f"hkt/{name}/mix_weight_mean"].append(gate.weight.detach().float().mean())
+        for key, value in result.logs.items():
+            self._hkt_logs[key].append(value)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the HKT loss parts and gate statistics, averaged over the steps since the last training log."""

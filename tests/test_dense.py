@@ -216,7 +216,7 @@ def test_gate_is_computed_per_spatial_position_for_segformer_maps(tmp_path, scen
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     adapter = trainer._ensure_adapter(child, batch)
     child.train()
-    result = trainer._objective(child, child, adapter, batch, trainer._native_loss)
+    result = trainer._objective(child, adapter, batch, trainer._native_loss)
     gates = list(result.gates.values())
     assert gates[0].gate.shape == (8, SIZE // 4, SIZE // 4)  # one gate per position of the stage-0 map
     assert gates[1].gate.shape == (8, 16)  # one per token of the stage-1 block

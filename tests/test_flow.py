@@ -163,7 +163,7 @@ def test_hkt_trains_raft_small_from_raft_with_several_carriers(tmp_path, pairs, 
     batch = next(iter(torch.utils.data.DataLoader(pairs, batch_size=2)))
     adapter = trainer._ensure_adapter(child, batch)
     with torch.no_grad():
-        result = trainer._objective(child, child, adapter, batch, trainer._native_loss)
+        result = trainer._objective(child, adapter, batch, trainer._native_loss)
     assert result.gates[carriers[0]].gate.shape == (4, 16, 16)
     if len(carriers) == 3:
         assert result.gates[carriers[2]].gate.shape == (4, 32, 32)  # layer2 works at 1/4 resolution
