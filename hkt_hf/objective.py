@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 
 from .adapter import HKTAdapter
@@ -37,6 +38,7 @@ from .tasks import reads_last_token, task_of
 from .transfer import match_size
 
 IGNORE_INDEX = -100
+LOSS_CHUNK = 1024  # positions per chunk of a replayed vocabulary-sized head
 # Tasks with one target per token, and those with one per sample; heads of both can be replayed on m.
 TOKEN_TASKS = frozenset({"text-generation", "text2text-generation", "fill-mask", "token-classification"})
 SEQUENCE_TASKS = frozenset({"text-classification", "image-classification", "audio-classification",
@@ -84,12 +86,19 @@ def target_mask(model: nn.Module, labels: torch.Tensor) -> torch.Tensor | None:
     return target_labels(model, labels).ne(IGNORE_INDEX)
 
 
-def token_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _summed_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def token_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOSS_CHUNK) -> torch.Tensor:
     """Cross-entropy of `head(hidden)` over the positions whose target is not -100, as a mean over them (0 when there
-    are none). The head runs on those positions only."""
+    are none). The head runs on those positions only, `chunk` at a time under activation checkpointing, so no
+    vocabulary-sized logits are kept for backward: they are recomputed chunk by chunk."""
     keep = targets.ne(IGNORE_INDEX)
-    logits = head(hidden[keep]).float()
-    total = F.cross_entropy(logits, targets[keep], reduction="sum")
+    hidden, targets = hidden[keep], targets[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, t in zip(hidden.split(chunk), targets.split(chunk)):
+        total = total + checkpoint(_summed_cross_entropy, head, h, t, use_reentrant=False)
     return total / keep.sum().clamp(min=1)
 
 

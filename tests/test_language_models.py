@@ -244,3 +244,21 @@ def test_lora_child_takes_carriers_by_base_model_names(tmp_path, lm_data):
     assert torch.equal(child.get_base_model().model.embed_tokens.weight, base_before)
     log = next(h for h in trainer.state.log_history if "hkt/loss_parent_head" in h)
     assert f"hkt/{LAYER_CARRIERS['llama']}/gate_mean" in log
+
+
+def test_chunked_lm_head_loss_equals_unchunked():
+    """The replayed LM head in chunks of positions (recomputed in backward) gives the loss and gradients of one go."""
+    from hkt_hf.objective import token_loss
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, VOCAB)
+    hidden = torch.randn(3, 9, 16, requires_grad=True)
+    targets = torch.randint(0, VOCAB, (3, 9))
+    targets[0, 5:] = -100
+    expected = F.cross_entropy(head(hidden).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    expected_grads = torch.autograd.grad(expected, [hidden, head.weight])
+    for chunk in (1, 4, 1024):
+        loss = token_loss(head, hidden, targets, chunk=chunk)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        for g, e in zip(torch.autograd.grad(loss, [hidden, head.weight]), expected_grads):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
