@@ -17,7 +17,7 @@ from torch import nn
 
 from .carriers import CarrierPair
 from .mixture import GateOutput, build_gate
-from .tasks import base_model
+from .extraction import base_of
 from .transfer import build_aligner, feature_kind
 
 ADAPTER_NAME = "hkt_adapter"
@@ -72,7 +72,7 @@ def inject_adapter(child: nn.Module, adapter: HKTAdapter) -> None:
     """Attach `adapter` as `hkt_adapter` of the child (of its base model for a PEFT child), replacing any earlier one,
     and keep its keys out of the child's saved weights."""
     remove_adapter(child)
-    host = base_model(child)
+    host = base_of(child)
     host.add_module(ADAPTER_NAME, adapter)
     ignored = _ignored_on_save(host)
     if ignored is not None:
@@ -80,7 +80,7 @@ def inject_adapter(child: nn.Module, adapter: HKTAdapter) -> None:
 
 
 def get_adapter(child: nn.Module) -> HKTAdapter | None:
-    adapter = getattr(base_model(child), ADAPTER_NAME, None)
+    adapter = getattr(base_of(child), ADAPTER_NAME, None)
     return adapter if isinstance(adapter, HKTAdapter) else None
 
 
@@ -88,7 +88,7 @@ def remove_adapter(child: nn.Module) -> HKTAdapter | None:
     """Detach and return the adapter; afterwards `child.state_dict()` has exactly its original keys."""
     adapter = get_adapter(child)
     if adapter is not None:
-        host = base_model(child)
+        host = base_of(child)
         delattr(host, ADAPTER_NAME)
         ignored = _ignored_on_save(host)
         if ignored is not None:

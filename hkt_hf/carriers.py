@@ -1,7 +1,10 @@
 """Carrier pairs: which parent feature is transferred into which child feature.
 
 A carrier is written `"parent.module.path=child.module.path"` (module outputs; append `:input` to take a
-module's first input instead), or `auto`: the inputs of the two classification heads, the reference setting.
+module's first input instead), with the model's own module names (a PEFT-wrapped model's base-model names work), or
+`auto`: the inputs of the two prediction heads, the reference setting. The head is found through transformers'
+APIs: `get_output_embeddings()` for language-model heads (causal, masked, seq2seq), else the classification or
+question-answering head module.
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .extraction import FeatureSpec, resolve_module
+from .extraction import FeatureSpec, base_of, resolve_module
+from .tasks import task_of
 
-HEAD_NAMES = ("classifier", "score", "head", "fc", "linear")
+LM_TASKS = frozenset({"text-generation", "text2text-generation", "fill-mask"})
+HEAD_NAMES = ("classifier", "score", "qa_outputs", "head", "fc", "linear")
 
 
 @dataclass(frozen=True)
@@ -29,17 +34,39 @@ class CarrierPair:
         return str(self.child)
 
 
+def _module_name(model: nn.Module, module: nn.Module) -> str | None:
+    return next((name for name, m in model.named_modules() if m is module), None)
+
+
+def _lm_head(model: nn.Module) -> str | None:
+    """Name of the module that turns hidden states into vocabulary logits, from `get_output_embeddings()`."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return _module_name(model, head) if isinstance(head, nn.Module) else None
+
+
 def find_head(model: nn.Module, role: str = "model") -> str:
-    """Name of the top-level classification head (`classifier`, `score`, `head`, `fc` or `linear`)."""
-    for name in HEAD_NAMES:
-        if isinstance(getattr(model, name, None), nn.Module):
-            return name
-    top = [n for n, _ in model.named_children()]
+    """Dotted name (in the base model, under any PEFT wrapper) of the module that produces the prediction."""
+    base = base_of(model)
+    task = task_of(base)
+    if task in LM_TASKS:
+        name = _lm_head(base)
+    else:
+        name = next((n for n in HEAD_NAMES if isinstance(getattr(base, n, None), nn.Module)), None)
+    if name is not None:
+        return name
+    top = [n for n, _ in base.named_children()]
+    looked_for = "its output embeddings (get_output_embeddings())" if task in LM_TASKS else f"any of {list(HEAD_NAMES)}"
     raise ValueError(
-        f"Cannot find the classification head of the {role} ({type(model).__name__}) for an `auto` carrier: none of "
-        f"{list(HEAD_NAMES)} is a submodule (it has {top}). Name the carriers explicitly, e.g. "
-        "hkt_carriers=['parent.module.path=child.module.path']."
+        f"Cannot find the prediction head of the {role} ({type(base).__name__}, task {task or 'unknown'}) for an "
+        f"`auto` carrier: looked for {looked_for}; its top-level modules are {top}. Name the carriers explicitly, "
+        "e.g. hkt_carriers=['parent.module.path=child.module.path']."
     )
+
+
+def head_carrier(parent: nn.Module, child: nn.Module) -> CarrierPair:
+    """The `auto` carrier: the inputs of the parent's and the child's prediction heads."""
+    return CarrierPair(FeatureSpec(find_head(parent, "parent"), "input"), FeatureSpec(find_head(child, "child"), "input"))
 
 
 def resolve_carriers(specs: list[str], parent: nn.Module, child: nn.Module) -> list[CarrierPair]:
@@ -49,9 +76,7 @@ def resolve_carriers(specs: list[str], parent: nn.Module, child: nn.Module) -> l
     pairs = []
     for text in specs:
         if text.strip() == "auto":
-            pair = CarrierPair(
-                FeatureSpec(find_head(parent, "parent"), "input"), FeatureSpec(find_head(child, "child"), "input")
-            )
+            pair = head_carrier(parent, child)
         else:
             pair = parse_carrier(text)
             resolve_module(parent, pair.parent.module, "parent")

@@ -35,26 +35,40 @@ class FeatureSpec:
         return self.module + (INPUT_SUFFIX if self.where == "input" else "")
 
 
+def base_of(model: nn.Module) -> nn.Module:
+    """The model under a PEFT wrapper (`get_base_model()`), else the model itself: carriers name its modules."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def resolve_module(model: nn.Module, name: str, role: str = "model") -> nn.Module:
-    """`model.get_submodule(name)` with an error that lists the closest existing names."""
-    try:
-        return model.get_submodule(name) if name else model
-    except AttributeError:
-        names = [n for n, _ in model.named_modules() if n]
-        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-        hint = f" Closest names: {', '.join(close)}." if close else f" Top-level modules: {', '.join(n for n in names if '.' not in n)}."
-        raise ValueError(f"The {role} ({type(model).__name__}) has no module named '{name}'.{hint}") from None
+    """`model.get_submodule(name)`, also by the base model's names under a PEFT wrapper; the error lists the
+    closest existing names."""
+    for root in dict.fromkeys((model, base_of(model))):  # the wrapper's own names, then the base model's
+        try:
+            return root.get_submodule(name) if name else root
+        except AttributeError:
+            pass
+    base = base_of(model)
+    names = [n for n, _ in base.named_modules() if n]
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    hint = f" Closest names: {', '.join(close)}." if close else f" Top-level modules: {', '.join(n for n in names if '.' not in n)}."
+    raise ValueError(f"The {role} ({type(base).__name__}) has no module named '{name}'.{hint}")
 
 
-def first_tensor(value: Any) -> torch.Tensor:
-    """The feature tensor of a module output: the tensor itself, or the first element of a tuple/ModelOutput."""
+def first_tensor(value: Any, what: str = "a module output") -> torch.Tensor:
+    """The feature tensor of a module output: the tensor itself, or the first element of a tuple/ModelOutput.
+    `what` names the carrier in the error."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, dict):
         value = tuple(value.values())
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
         return value[0]
-    raise TypeError(f"Cannot take a feature tensor from a module output of type {type(value).__name__}.")
+    raise TypeError(
+        f"Cannot take a feature tensor from {what}: it is of type {type(value).__name__}. Pick a carrier module whose "
+        "output (or, with ':input', first input) is a tensor, a tuple starting with one, or a ModelOutput."
+    )
 
 
 def with_first_tensor(value: Any, tensor: torch.Tensor) -> Any:
@@ -89,6 +103,7 @@ class FeatureExtractor:
     ):
         self.modules = [resolve_module(model, spec.module, role) for spec in specs]
         self.specs = list(specs)
+        self.role = role
         self.replace = replace
         self.grad_after_replace = grad_after_replace
         self.features: dict[int, torch.Tensor] = {}
@@ -103,17 +118,21 @@ class FeatureExtractor:
             torch.set_grad_enabled(True)
         return self.replace(index, feature)
 
+    def _describe(self, index: int) -> str:
+        spec = self.specs[index]
+        return f"the {spec.where} of the {self.role}'s carrier module '{spec.module}' (carrier '{spec}')"
+
     def _hook(self, index: int, where: str) -> Callable:
         if where == "input":
 
             def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
-                new = self._swap(index, first_tensor(args))
+                new = self._swap(index, first_tensor(args, self._describe(index)))
                 return None if new is None else with_first_tensor(args, new)
 
             return pre_hook
 
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            new = self._swap(index, first_tensor(output))
+            new = self._swap(index, first_tensor(output, self._describe(index)))
             return None if new is None else with_first_tensor(output, new)
 
         return hook

@@ -19,7 +19,7 @@ from transformers import AutoConfig
 from .adapter import ADAPTER_NAME
 from .lineage import HKT_CONFIG_NAME, read_lineage
 from .model_card import render_model_card
-from .tasks import task_entry
+from .tasks import task_of_saved
 
 # What a child repository holds: the plain model, its processor / tokenizer, the lineage record and the card.
 # An allow-list, so that checkpoints, optimizer states and training arguments in the same folder stay local.
@@ -87,9 +87,7 @@ def push_child(
     record = read_lineage(folder / HKT_CONFIG_NAME)
     repo_id = create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
     model_name = card_info.pop("model_name", None) or repo_id
-    task, auto_class = task_entry(AutoConfig.from_pretrained(folder), record.get("child_architecture") or "") or (
-        None, "AutoModel"
-    )
+    task, auto_class = task_of_saved(AutoConfig.from_pretrained(folder), record.get("child_architecture") or "")
     card_info.setdefault("task", task)
     render_model_card(record, model_name, auto_class=auto_class, **card_info).save(folder / "README.md")
     return upload_folder(

@@ -8,7 +8,8 @@ Every gate returns m = q + w * (p - q) with a mixing weight w in [0, 1], compute
 - `learned`: like `genetic` with trainable query/key projections (initialised to identity) and a trainable lambda.
 
 The gate is computed over channels: once per sample for vectors [B, C], per token for [B, N, D] and per spatial
-position for maps [B, C, H, W].
+position for maps [B, C, H, W]. A `mask` of real positions (e.g. a batch's `attention_mask` for tokens) keeps padding
+out of the mixing (w = 0 there, so m = q) and out of the gate statistics.
 """
 
 from __future__ import annotations
@@ -22,10 +23,19 @@ from torch import nn
 STATIC_PARENT_WEIGHT = 0.7
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of `values` over the positions where `mask` is true (all positions without a mask), in float32."""
+    values = values.float()
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
 class GateOutput(NamedTuple):
     mixed: torch.Tensor  # m, float32, same layout as q
     gate: torch.Tensor  # a, one value per sample / token / position
-    weight: torch.Tensor  # w, the effective weight of the parent in m
+    weight: torch.Tensor  # w, the effective weight of the parent in m (0 at masked-out positions)
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -51,13 +61,18 @@ class Gate(nn.Module):
     def mixing_weight(self, a: torch.Tensor) -> torch.Tensor:
         return self.lam * (1.0 - a)
 
-    def forward(self, q: torch.Tensor, p: torch.Tensor) -> GateOutput:
+    def forward(self, q: torch.Tensor, p: torch.Tensor, mask: torch.Tensor | None = None) -> GateOutput:
+        """m from q and p; `mask` (shape of the gate, e.g. [B, N] for tokens) marks the real positions."""
         if q.shape != p.shape:
             raise ValueError(f"Gate inputs differ in shape: child {tuple(q.shape)}, parent {tuple(p.shape)}.")
         with torch.autocast(q.device.type, enabled=False):  # gates stay in fp32 under mixed precision
             ql, pl = _channels_last(q.float()), _channels_last(p.float())
             a = torch.sigmoid(self.logits(ql, pl))
             w = self.mixing_weight(a)
+            if mask is not None:
+                if mask.shape != a.shape:
+                    raise ValueError(f"Gate mask of shape {tuple(mask.shape)} does not match the gate {tuple(a.shape)}.")
+                w = w * mask.to(w.dtype)
             mixed = ql + w.unsqueeze(-1) * (pl - ql)
         return GateOutput(_channels_first(mixed, q.ndim), a, w)
 

@@ -28,16 +28,19 @@ def parent_on_hub(record: Mapping[str, Any]) -> bool:
     return bool(parent) and not os.path.exists(parent) and is_hub_id(parent)
 
 
-def lineage_section(record: Mapping[str, Any], model_name: str) -> str:
-    """The card's HKT section: parent, carriers, gate, weights and KD, how to read the record, and the citation."""
+def lineage_section(record: Mapping[str, Any], model_name: str, auto_class: str | None = None) -> str:
+    """The card's HKT section: parent, carriers, gate, weights and KD, how to read the record, how to load the child
+    (`auto_class`, when known) and the citation."""
     template = jinja2.Template((TEMPLATES / "lineage.md").read_text())
-    return template.render(hkt=record, model_name=model_name, parent_on_hub=parent_on_hub(record))
+    return template.render(hkt=record, model_name=model_name, parent_on_hub=parent_on_hub(record), auto_class=auto_class)
 
 
-def add_lineage_to_card(card_path: str | os.PathLike, record: Mapping[str, Any], model_name: str) -> ModelCard:
+def add_lineage_to_card(
+    card_path: str | os.PathLike, record: Mapping[str, Any], model_name: str, auto_class: str | None = None
+) -> ModelCard:
     """Append the lineage section to the card at `card_path` (as written by `Trainer.create_model_card`)."""
     card = ModelCard.load(card_path)
-    card.text = card.text.rstrip() + "\n\n" + lineage_section(record, model_name)
+    card.text = card.text.rstrip() + "\n\n" + lineage_section(record, model_name, auto_class)
     card.save(card_path)
     return card
 
@@ -95,8 +98,7 @@ def render_model_card(
         card_data,
         template_path=str(TEMPLATES / "model_card.md"),
         model_name=model_name,
-        lineage=lineage_section(record, model_name),
-        auto_class=auto_class,
+        lineage=lineage_section(record, model_name, auto_class),
         dataset=dataset,
         metric_rows=_metric_rows(child, parent),
         recipe=[(key, value) for key, value in (training_recipe or {}).items() if value is not None],

@@ -1,14 +1,22 @@
-"""The HKT training objective for one batch: one parent pass, one child pass, and the three loss terms.
+"""The HKT training objective for one batch: the parent's pass, the child's pass, and the loss terms.
 
-    L = w0 * L_c   (the child's own task loss)
+    L = w0 * L_c   (the child's own task loss, the Trainer's compute_loss)
       + w1 * L_c*  (the child's task loss with its carrier feature replaced by m)
       + w2 * L_p*  (the frozen parent's task loss with its carrier feature replaced by m, mapped into its space)
-      + kd * KD    (optional classic distillation on the logits)
+      + kd * KD    (optional classic distillation on the predictions)
 
-When the single carrier is the input of both classification heads (the reference setting), L_c* and L_p* replay
-just the heads on m: one child pass with autograd and one parent pass without. For carriers elsewhere, the parent
-runs once under no_grad and records a graph only downstream of its carriers, and the child runs a second,
-equally truncated pass with m in place of its carrier features.
+Passes. The parent's plain pass runs first, without autograd; one such pass serves KD and the HKT terms. When the
+single carrier is the input of both prediction heads (classification heads, or language-model heads found with
+`get_output_embeddings()`), L_c* and L_p* replay just the heads on m. For carriers elsewhere, L_p* needs the parent
+downstream of m: that pass (no graph upstream of its carriers) follows the child's, and replaces the plain parent
+pass unless KD needs the parent's own prediction; L_c* runs a second, equally truncated child pass. A term whose
+weight is 0 is not computed.
+
+Positions and normalisation. Gates mix only real positions (the batch's attention mask for token features) and
+their statistics average over those. Every term is first a mean over this batch's items: labels that are not -100
+(after the causal shift for causal LMs, as transformers' ForCausalLMLoss). Given `num_items_in_batch` (the item
+count of the whole accumulated batch, as the Trainer computes it), the terms are rescaled to sum / num_items_in_batch,
+the Trainer's own normalisation, so gradient accumulation over padded batches gives the update of one big batch.
 """
 
 from __future__ import annotations
@@ -19,46 +27,112 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 
 from .adapter import HKTAdapter
-from .carriers import CarrierPair, find_head
-from .tasks import is_classifier
-from .extraction import FeatureExtractor
-from .mixture import GateOutput
+from .carriers import CarrierPair, head_carrier
+from .extraction import FeatureExtractor, FeatureSpec, base_of, resolve_module
+from .mixture import GateOutput, masked_mean
+from .tasks import reads_last_token, task_of
+from .transfer import match_size
 
+IGNORE_INDEX = -100
+LOSS_CHUNK = 1024  # positions per chunk of a replayed vocabulary-sized head
+# Tasks with one target per token, and those with one per sample; heads of both can be replayed on m.
+TOKEN_TASKS = frozenset({"text-generation", "text2text-generation", "fill-mask", "token-classification"})
+SEQUENCE_TASKS = frozenset({"text-classification", "image-classification", "audio-classification",
+                            "video-classification"})
 NativeLoss = Callable[[dict[str, Any]], tuple[torch.Tensor, Any]]
 
 
 @dataclass
 class StepResult:
+    """One batch's objective. `loss` is what to backpropagate (rescaled by `num_items_in_batch` when given); `parts`
+    are the unweighted terms as means over this batch's items, and `stats` the gate statistics, both for logs."""
+
     loss: torch.Tensor
     outputs: Any
     parts: dict[str, torch.Tensor]
     gates: dict[str, GateOutput] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def logs(self) -> dict[str, torch.Tensor]:
+        """Everything to log for this batch, under its log name (`hkt/loss_native`, `hkt/<carrier>/gate_mean`...)."""
+        return {**{f"hkt/loss_{name}": value.detach() for name, value in self.parts.items()}, **self.stats}
 
 
-def classification_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The task loss transformers' classifiers use (cross-entropy, MSE or BCE by `config.problem_type`), in fp32."""
-    return ForSequenceClassificationLoss(labels, logits.float(), model.config)
+# ---- targets ---------------------------------------------------------------------------------------------------------
 
 
-def kd_loss(child_logits: torch.Tensor, parent_logits: torch.Tensor, temperature: float, kind: str = "kl"
-            ) -> torch.Tensor:
-    """The classic distillation term, in fp32.
+def target_labels(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with the prediction positions: shifted left (last position ignored) for causal LMs, whose
+    position i predicts token i + 1, as in transformers' ForCausalLMLoss; unchanged otherwise."""
+    if task_of(model) == "text-generation":
+        return F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+    return labels
 
-    `kind="kl"`: Hinton's T^2 * KL(softmax(parent / T) || softmax(child / T)); dense logits [B, C, H, W] (class
-    dimension 1, e.g. semantic segmentation) are distilled per pixel. `"l1"` / `"mse"`: mean absolute / squared
-    difference of the predictions, for regression outputs (e.g. optical flow) where there is no softmax.
+
+def count_items(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """This batch's items as the Trainer counts them for `num_items_in_batch`: labels that are not -100."""
+    return target_labels(model, labels).ne(IGNORE_INDEX).sum()
+
+
+def target_mask(model: nn.Module, labels: torch.Tensor) -> torch.Tensor | None:
+    """[B, N] mask of the positions with a target for token tasks (KD counts only those); None otherwise."""
+    if task_of(model) not in TOKEN_TASKS or labels.ndim != 2:
+        return None
+    return target_labels(model, labels).ne(IGNORE_INDEX)
+
+
+def _summed_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def token_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """Cross-entropy of `head(hidden)` over the positions whose target is not -100, as a mean over them (0 when there
+    are none). The head runs on those positions only, `chunk` at a time under activation checkpointing, so no
+    vocabulary-sized logits are kept for backward: they are recomputed chunk by chunk."""
+    keep = targets.ne(IGNORE_INDEX)
+    hidden, targets = hidden[keep], targets[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, t in zip(hidden.split(chunk), targets.split(chunk)):
+        total = total + checkpoint(_summed_cross_entropy, head, h, t, use_reentrant=False)
+    return total / keep.sum().clamp(min=1)
+
+
+def head_loss(model: nn.Module, head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The model's task loss with its prediction head replayed on `hidden`, in fp32: token cross-entropy (shifted for
+    causal LMs) for token tasks, transformers' classification loss (`config.problem_type`) otherwise."""
+    if task_of(model) in TOKEN_TASKS:
+        return token_loss(head, hidden, target_labels(model, labels))
+    return ForSequenceClassificationLoss(labels, head(hidden).float(), base_of(model).config)
+
+
+def kd_loss(child_logits: torch.Tensor, parent_logits: torch.Tensor, temperature: float, kind: str = "kl",
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The classic distillation term, in fp32, as a mean over prediction positions.
+
+    `kind="kl"`: Hinton's T^2 * KL(softmax(parent / T) || softmax(child / T)) per position; dense logits
+    [B, C, H, W] (class dimension 1, e.g. semantic segmentation) are distilled per pixel. `"l1"` / `"mse"`: mean
+    absolute / squared difference of the predictions, for regression outputs (e.g. optical flow). `mask` ([B, N] for
+    token logits [B, N, V]) keeps only the positions with a target.
     """
+    if mask is not None:
+        child_logits, parent_logits = child_logits[mask], parent_logits[mask]
     if kind != "kl":
         diff = child_logits.float() - parent_logits.float()
         return diff.abs().mean() if kind == "l1" else diff.square().mean()
     if child_logits.ndim == 4:
         child_logits, parent_logits = child_logits.movedim(1, -1), parent_logits.movedim(1, -1)
-    c = child_logits.float().flatten(0, -2) / temperature
-    p = parent_logits.float().flatten(0, -2) / temperature
-    return F.kl_div(F.log_softmax(c, -1), F.log_softmax(p, -1), reduction="batchmean", log_target=True) * temperature**2
+    c = F.log_softmax(child_logits.float().flatten(0, -2) / temperature, -1)
+    p = F.log_softmax(parent_logits.float().flatten(0, -2) / temperature, -1)
+    total = F.kl_div(c, p, reduction="sum", log_target=True)
+    return total / max(c.shape[0], 1) * temperature**2
+
+
+# ---- passes ----------------------------------------------------------------------------------------------------------
 
 
 def prediction(outputs: Any) -> torch.Tensor:
@@ -76,16 +150,26 @@ def model_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in inputs.items() if k != "labels"}
 
 
+def forward_inputs(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The batch without labels; an encoder-decoder gets the decoder inputs it would build from the labels."""
+    out = model_inputs(inputs)
+    base = base_of(model)
+    prepare = getattr(base, "prepare_decoder_input_ids_from_labels", None)
+    if getattr(base.config, "is_encoder_decoder", False) and "decoder_input_ids" not in out and callable(prepare):
+        out["decoder_input_ids"] = prepare(labels=inputs["labels"])
+    return out
+
+
 def head_replay_possible(carriers: list[CarrierPair], parent: nn.Module, child: nn.Module) -> bool:
-    """True when the only carrier is the input of both classification heads, so the heads alone can be replayed."""
-    if len(carriers) != 1 or not (is_classifier(parent) and is_classifier(child)):
+    """True when the only carrier is the input of both prediction heads of two models of the same (classification
+    or token) task, so replaying the heads on m gives L_c* and L_p*."""
+    task = task_of(child)
+    if len(carriers) != 1 or task not in TOKEN_TASKS | SEQUENCE_TASKS or task_of(parent) != task:
         return False
-    (pair,) = carriers
-    return (
-        pair.parent.where == pair.child.where == "input"
-        and pair.parent.module == find_head(parent, "parent")
-        and pair.child.module == find_head(child, "child")
-    )
+    try:
+        return carriers[0] == head_carrier(parent, child)
+    except ValueError:
+        return False
 
 
 @torch.no_grad()
@@ -95,7 +179,7 @@ def probe(
     """Per-sample carrier shapes of parent and child on one batch, in eval mode (no batch-norm update).
 
     Also confirms that replaying a head on its captured input gives the model's logits; if it does not (the model
-    post-processes its head output), the caller must use full passes instead.
+    post-processes its head output, e.g. picks one token's logits), the caller must use full passes instead.
     """
     shapes, replay_ok = [], replay
     for model, specs, role in ((parent, [c.parent for c in carriers], "parent"),
@@ -104,10 +188,10 @@ def probe(
         model.eval()
         try:
             with FeatureExtractor(model, specs, role=role) as ext:
-                out = model(**model_inputs(inputs))
+                out = model(**forward_inputs(model, inputs))
             if replay_ok:
-                head = model.get_submodule(specs[0].module)
-                replay_ok = torch.allclose(head(ext.features[0]).float(), out.logits.float(), atol=1e-5, rtol=1e-4)
+                replayed, logits = resolve_module(model, specs[0].module)(ext.features[0]).float(), out.logits.float()
+                replay_ok = replayed.shape == logits.shape and torch.allclose(replayed, logits, atol=1e-5, rtol=1e-4)
         finally:
             for module, training in modes.items():
                 module.training = training
@@ -118,6 +202,53 @@ def probe(
     return shapes[0], shapes[1], replay_ok
 
 
+# ---- gates on real positions -----------------------------------------------------------------------------------------
+
+
+def on_decoder(model: nn.Module, spec: FeatureSpec) -> bool:
+    """Whether a carrier of an encoder-decoder model lies on the decoder side (anything not under an `encoder`)."""
+    return bool(getattr(base_of(model).config, "is_encoder_decoder", False)) and "encoder" not in spec.module.split(".")
+
+
+def real_positions(model: nn.Module, spec: FeatureSpec, inputs: dict[str, Any], feature: torch.Tensor
+                   ) -> torch.Tensor | None:
+    """[B, N] mask of the real (non-padding) tokens of a token feature: the batch's attention mask (the decoder's, or
+    its labels, on the decoder side of an encoder-decoder) when its shape fits; None for other features."""
+    if feature.ndim != 3:
+        return None
+    if on_decoder(model, spec):
+        mask = inputs.get("decoder_attention_mask")
+        mask = mask if mask is not None else inputs["labels"].ne(IGNORE_INDEX)
+    else:
+        mask = inputs.get("attention_mask")
+    return mask.bool() if mask is not None and tuple(mask.shape) == tuple(feature.shape[:2]) else None
+
+
+def head_token(model: nn.Module, inputs: dict[str, Any], feature: torch.Tensor) -> torch.Tensor:
+    """[B] index of the token a sequence classifier reads in a token feature [B, N, D]: the last non-padding token
+    for decoder-only models (from `pad_token_id`, as transformers finds it), else the first (BERT's pooler, RoBERTa's
+    classification head)."""
+    batch, length = feature.shape[:2]
+    if not reads_last_token(model):
+        return torch.zeros(batch, dtype=torch.long, device=feature.device)
+    input_ids, pad = inputs.get("input_ids"), getattr(base_of(model).config, "pad_token_id", None)
+    if input_ids is None or pad is None or tuple(input_ids.shape) != (batch, length):
+        return torch.full((batch,), length - 1, dtype=torch.long, device=feature.device)
+    positions = torch.arange(length, device=input_ids.device)
+    return (positions * input_ids.ne(pad).int()).argmax(-1)
+
+
+def gate_stats(name: str, gate: GateOutput, mask: torch.Tensor | None, head_index: torch.Tensor | None
+               ) -> dict[str, torch.Tensor]:
+    """Logged statistics of one carrier's gate over real positions, plus the gate at the head's token if given."""
+    stats = {f"hkt/{name}/gate_mean": masked_mean(gate.gate.detach(), mask),
+             f"hkt/{name}/mix_weight_mean": masked_mean(gate.weight.detach(), mask)}
+    if head_index is not None:
+        rows = torch.arange(gate.gate.shape[0], device=gate.gate.device)
+        stats[f"hkt/{name}/gate_at_head_token"] = gate.gate.detach()[rows, head_index].float().mean()
+    return stats
+
+
 class NonFiniteLossError(FloatingPointError):
     """A loss part or carrier feature became NaN or inf; the message names which."""
 
@@ -126,15 +257,21 @@ def describe_nonfinite(parts: dict[str, torch.Tensor], q: dict[int, torch.Tensor
                        gates: dict[int, GateOutput], carriers: list[CarrierPair]) -> str:
     bad = [f"loss part '{name}'" for name, value in parts.items() if not torch.isfinite(value).all()]
     for i, carrier in enumerate(carriers):
-        if not torch.isfinite(q[i]).all():
+        if i in q and not torch.isfinite(q[i]).all():
             bad.append(f"child feature of carrier '{carrier}'")
         if i in gates and not torch.isfinite(gates[i].mixed).all():
             bad.append(f"mixed feature of carrier '{carrier}'")
     return "non-finite values (NaN or inf) in " + ", ".join(bad)
 
 
+# ---- the objective ---------------------------------------------------------------------------------------------------
+
+
 class HKTObjective:
-    """Computes one training step's HKT loss; holds the frozen parent and the run's settings."""
+    """Computes one training step's HKT loss; holds the frozen parent and the run's settings.
+
+    `args` is the `HKTTrainingArguments`: `hkt_loss_weights`, `hkt_kd_weight`, `hkt_kd_temperature`, `hkt_kd_loss`.
+    """
 
     def __init__(self, parent: nn.Module, carriers: list[CarrierPair], args: Any, replay: bool):
         self.parent = parent
@@ -142,50 +279,125 @@ class HKTObjective:
         self.args = args
         self.replay = replay
 
-    def __call__(self, child: nn.Module, adapter: HKTAdapter, inputs: dict[str, Any], native: NativeLoss) -> StepResult:
-        """`native(inputs)` is the Trainer's own loss of the child on the batch."""
+    @property
+    def weights(self) -> tuple[float, float, float]:
+        w0, w1, w2 = (float(w) for w in self.args.hkt_loss_weights)
+        return w0, w1, w2
+
+    def __call__(
+        self, child: nn.Module, adapter: HKTAdapter, inputs: dict[str, Any], native: NativeLoss,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> StepResult:
+        """`native(inputs) -> (loss, outputs)` is the Trainer's own loss on the child (normalised by
+        `num_items_in_batch` when that is given, as the Trainer normalises it)."""
         if "labels" not in inputs:
             raise ValueError("HKT needs labels in every training batch: each of its loss terms uses the ground truth.")
-        with FeatureExtractor(child, [c.child for c in self.carriers], role="child") as ext:
-            native_loss, outputs = native(inputs)
+        _, w1, w2 = self.weights
+        kd = self.args.hkt_kd_weight > 0
+        mixing = w1 > 0 or w2 > 0
+        parent_out, h = None, {}
+        if kd or (mixing and (self.replay or w2 == 0)):  # the plain parent pass, first
+            parent_out, h = self._parent_pass(inputs, capture=mixing)
+        with FeatureExtractor(child, [c.child for c in self.carriers] if mixing else [], role="child") as ext:
+            native_loss, outputs = native(dict(inputs))
         q = ext.features
-        step = self._replay_heads if self.replay else self._truncated_passes
-        mixed_loss, parent_loss, parent_logits, gates = step(child, adapter, inputs, q)
-        w0, w1, w2 = self.args.hkt_loss_weights
-        parts = {"native": native_loss.float(), "child_mixed": mixed_loss.float(), "parent_head": parent_loss.float()}
-        loss = w0 * parts["native"] + w1 * parts["child_mixed"] + w2 * parts["parent_head"]
-        if self.args.hkt_kd_weight > 0:
-            if parent_logits is None:
-                with torch.no_grad():
-                    parent_logits = prediction(self.parent(**model_inputs(inputs)))
-            parts["kd"] = kd_loss(prediction(outputs), parent_logits, self.args.hkt_kd_temperature, self.args.hkt_kd_loss)
-            loss = loss + self.args.hkt_kd_weight * parts["kd"]
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(describe_nonfinite(parts, q, gates, self.carriers))
-        return StepResult(loss, outputs, parts, {str(c): gates[i] for i, c in enumerate(self.carriers)})
+        terms, gates = {}, {}
+        if mixing:
+            step = self._replay_heads if self.replay else self._truncated_passes
+            terms, gates = step(child, adapter, inputs, q, h)
+        if kd:
+            terms["kd"] = kd_loss(prediction(outputs), prediction(parent_out), self.args.hkt_kd_temperature,
+                                  self.args.hkt_kd_loss, target_mask(child, inputs["labels"]))
+        result = self._combine(child, inputs, native_loss, outputs, terms, num_items_in_batch)
+        result.gates = {str(c): gates[i] for i, c in enumerate(self.carriers) if i in gates}
+        result.stats = self._stats(child, inputs, q, gates)
+        if not torch.isfinite(result.loss):
+            raise NonFiniteLossError(describe_nonfinite(result.parts, q, gates, self.carriers))
+        return result
 
-    def _replay_heads(self, child, adapter, inputs, q):
+    def _combine(self, child: nn.Module, inputs: dict[str, Any], native_loss: torch.Tensor, outputs: Any,
+                 terms: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None) -> StepResult:
+        """Weighted sum of the terms. With `num_items_in_batch`, the native loss already is sum / num_items_in_batch
+        and each other term (a mean over this batch's items) is rescaled to the same; `parts` hold the means."""
+        native_loss = native_loss.float()
+        native_part, scale = native_loss, 1.0
+        if num_items_in_batch is not None:
+            items = count_items(child, inputs["labels"]).to(native_loss.device)
+            scale = items / num_items_in_batch
+            native_part = native_loss * num_items_in_batch / items.clamp(min=1)
+        weights = dict(zip(("child_mixed", "parent_head"), self.weights[1:]), kd=self.args.hkt_kd_weight)
+        terms = {name: value.float() for name, value in terms.items()}
+        loss = self.weights[0] * native_loss + scale * sum(weights[name] * value for name, value in terms.items())
+        return StepResult(loss, outputs, {"native": native_part, **terms})
+
+    def _parent_pass(self, inputs: dict[str, Any], capture: bool) -> tuple[Any, dict[int, torch.Tensor]]:
+        """The parent's plain pass without autograd; captures its carrier features when asked."""
+        specs = [c.parent for c in self.carriers] if capture else []
+        with torch.no_grad(), FeatureExtractor(self.parent, specs, role="parent") as ext:
+            out = self.parent(**forward_inputs(self.parent, inputs))
+        return out, ext.features
+
+    def _mix(self, child: nn.Module, adapter: HKTAdapter, i: int, q: torch.Tensor, h: torch.Tensor,
+             inputs: dict[str, Any]) -> GateOutput:
+        """m for carrier i from the child feature q and the raw parent feature h, mixing real positions only."""
+        carrier = self.carriers[i]
+        p = match_size(adapter.to_child[i](h.to(q.dtype)), q, f"carrier '{carrier}'")
+        return adapter.gates[i](q, p, real_positions(child, carrier.child, inputs, q))
+
+    def _into_parent(self, adapter: HKTAdapter, i: int, mixed: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """m mapped into the parent's space, at the parent feature's size and dtype."""
+        return match_size(adapter.into_parent(i, mixed, h.dtype), h, f"carrier '{self.carriers[i]}'")
+
+    def _stats(self, child: nn.Module, inputs: dict[str, Any], q: dict[int, torch.Tensor],
+               gates: dict[int, GateOutput]) -> dict[str, torch.Tensor]:
+        stats = {}
+        for i, gate in gates.items():
+            spec = self.carriers[i].child
+            mask = real_positions(child, spec, inputs, q[i])
+            reads_one = task_of(child) == "text-classification" and q[i].ndim == 3
+            index = head_token(child, inputs, q[i]) if reads_one else None
+            stats.update(gate_stats(str(self.carriers[i]), gate, mask, index))
+        return stats
+
+    def _replay_heads(self, child, adapter, inputs, q, h):
+        """L_c* and L_p* from the two heads replayed on m (the carrier is the input of both heads)."""
+        _, w1, w2 = self.weights
         pair = self.carriers[0]
-        with torch.no_grad(), FeatureExtractor(self.parent, [pair.parent], role="parent") as pext:
-            parent_out = self.parent(**model_inputs(inputs))
-        h = pext.features[0]
-        gate = adapter.mix(0, q[0], h)
+        gate = self._mix(child, adapter, 0, q[0], h[0], inputs)
         labels = inputs["labels"]
-        child_head = child.get_submodule(pair.child.module)
-        parent_head = self.parent.get_submodule(pair.parent.module)
-        mixed_loss = classification_loss(child, child_head(gate.mixed.to(q[0].dtype)), labels)
-        parent_loss = classification_loss(self.parent, parent_head(adapter.into_parent(0, gate.mixed, h.dtype)), labels)
-        return mixed_loss, parent_loss, parent_out.logits, {0: gate}
+        terms = {}
+        if w1 > 0:
+            terms["child_mixed"] = head_loss(child, resolve_module(child, pair.child.module), gate.mixed.to(q[0].dtype),
+                                             labels)
+        if w2 > 0:
+            terms["parent_head"] = head_loss(self.parent, resolve_module(self.parent, pair.parent.module),
+                                             self._into_parent(adapter, 0, gate.mixed, h[0]), labels)
+        return terms, {0: gate}
 
-    def _truncated_passes(self, child, adapter, inputs, q):
+    def _truncated_passes(self, child, adapter, inputs, q, h):
+        """L_p* from the parent's pass downstream of m (it captures the parent features itself), L_c* from a child
+        pass downstream of m; each records a graph only after its first replaced carrier."""
+        _, w1, w2 = self.weights
         gates: dict[int, GateOutput] = {}
-        parent_features: dict[int, torch.Tensor] = {}
+        parent_features = dict(h)
+        terms = {}
+        if w2 > 0:
+            def into_parent(i: int, feature: torch.Tensor) -> torch.Tensor:
+                gates[i] = self._mix(child, adapter, i, q[i], feature, inputs)
+                parent_features[i] = feature
+                return self._into_parent(adapter, i, gates[i].mixed, feature)
 
-        def into_parent(i: int, h: torch.Tensor) -> torch.Tensor:
-            gates[i] = adapter.mix(i, q[i], h)
-            parent_features[i] = h
-            return adapter.into_parent(i, gates[i].mixed, h.dtype)
+            specs = [c.parent for c in self.carriers]
+            with torch.no_grad(), FeatureExtractor(self.parent, specs, into_parent, grad_after_replace=True,
+                                                   role="parent"):
+                terms["parent_head"] = model_loss(self.parent(**inputs), "parent")
+        else:
+            gates = {i: self._mix(child, adapter, i, q[i], h[i], inputs) for i in range(len(self.carriers))}
+        if w1 > 0:
+            terms["child_mixed"] = self._child_mixed_pass(child, adapter, inputs, gates, parent_features)
+        return terms, gates
 
+    def _child_mixed_pass(self, child, adapter, inputs, gates, parent_features) -> torch.Tensor:
         replaced = False
 
         def into_child(i: int, feature: torch.Tensor) -> torch.Tensor:
@@ -195,15 +407,15 @@ class HKTObjective:
             if not replaced:
                 replaced = True
                 return gates[i].mixed.to(feature.dtype)
-            return adapter.mix(i, feature, parent_features[i]).mixed.to(feature.dtype)
+            return self._mix(child, adapter, i, feature, parent_features[i], inputs).mixed.to(feature.dtype)
 
-        specs = [c.parent for c in self.carriers]
-        with torch.no_grad(), FeatureExtractor(self.parent, specs, into_parent, grad_after_replace=True, role="parent"):
-            parent_out = self.parent(**inputs)
         specs = [c.child for c in self.carriers]
         with torch.no_grad(), FeatureExtractor(child, specs, into_child, grad_after_replace=True, role="child"):
-            child_out = child(**inputs)
-        for role, out in (("parent", parent_out), ("child", child_out)):
-            if getattr(out, "loss", None) is None:
-                raise ValueError(f"The {role} returned no loss for a batch with labels; HKT needs a task loss.")
-        return child_out.loss, parent_out.loss, None, gates
+            return model_loss(child(**inputs), "child")
+
+
+def model_loss(outputs: Any, role: str) -> torch.Tensor:
+    """The task loss a model returned for a batch with labels (a mean over its items)."""
+    if getattr(outputs, "loss", None) is None:
+        raise ValueError(f"The {role} returned no loss for a batch with labels; HKT needs a task loss.")
+    return outputs.loss

@@ -1,9 +1,9 @@
 """The parent: loading it for the child's task, checking it can teach the child, and freezing it for one run only.
 
 The user's parent object is never changed for good: `frozen` sets `requires_grad=False` and the run's mode
-(`eval`, or batch-norm in train mode for `train-bn`) around each training step and restores both after it, so
-trainers sharing one parent never see each other's settings. Autograd records the step's graph while the parent is
-frozen, so no gradient ever reaches its weights. Its dtype is left alone: features cross between the two models through
+(`eval`, or batch-norm in train mode for `train-bn`) for a training run (and around each step, for callers of
+`compute_loss`) and restores both after it, so trainers sharing one parent never see each other's settings, and no
+gradient ever reaches its weights. Its dtype is left alone: features cross between the two models through
 the aligners, which cast them.
 """
 
@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .tasks import auto_class_for, base_model, is_classifier, task_of
+from .extraction import base_of
+from .tasks import auto_class_for, is_classifier, task_of
 
 PEFT_ADAPTER_CONFIG = "adapter_config.json"
 
@@ -51,15 +52,15 @@ def label_names(config: Any) -> list[str]:
 
 def check_compatible(parent: nn.Module, child: nn.Module) -> None:
     """Refuse a parent that cannot teach this child: the same object, another task, or another label set."""
-    if parent is child or base_model(parent) is base_model(child):
+    if parent is child or base_of(parent) is base_of(child):
         raise ValueError("The parent is the child object itself; load a separate (larger, pretrained) parent model.")
     if task_of(parent) != task_of(child):
         raise ValueError(
-            f"Parent ({type(base_model(parent)).__name__}, task {task_of(parent)}) and child "
-            f"({type(base_model(child)).__name__}, task {task_of(child)}) solve different tasks; HKT needs both to be "
+            f"Parent ({type(base_of(parent)).__name__}, task {task_of(parent)}) and child "
+            f"({type(base_of(child)).__name__}, task {task_of(child)}) solve different tasks; HKT needs both to be "
             "trained for the same task with the same labels."
         )
-    pc, cc = getattr(base_model(parent), "config", None), getattr(base_model(child), "config", None)
+    pc, cc = getattr(base_of(parent), "config", None), getattr(base_of(child), "config", None)
     if is_classifier(child) and pc is not None and cc is not None:
         if pc.num_labels != cc.num_labels:
             raise ValueError(
@@ -87,7 +88,7 @@ def check_finite_weights(parent: nn.Module, name: str) -> None:
 def frozen(parent: nn.Module, mode: str) -> Iterator[nn.Module]:
     """Freeze `parent` in the run's mode for the duration of the block; restore the caller's settings after.
 
-    Cheap (flags only, no tensor is touched), so it runs around every step."""
+    Cheap (flags only, no tensor is touched); nests (an inner block restores the outer block's settings)."""
     grads = {p: p.requires_grad for p in parent.parameters()}
     modes = {m: m.training for m in parent.modules()}
     parent.requires_grad_(False)

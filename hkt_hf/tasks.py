@@ -1,61 +1,130 @@
-"""Which task a model solves, from transformers' own model mappings (including classes registered with them)."""
+"""Which task a model solves, and which Auto class loads it, read from transformers' own Auto mappings.
+
+A model class belongs to a task when one of the task's Auto classes maps a config to it: either by name in the
+built-in table (`MODEL_FOR_*_MAPPING_NAMES`, no model module is imported) or as content registered at run time
+(`AutoModelForImageClassification.register(...)`, as `hkt_hf` does for its CIFAR ResNets). Tasks are checked in the
+order below, so a class listed under several Auto classes gets its most specific one; the headless `AutoModel` comes
+last and has no task.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import transformers
+from transformers.models.auto import modeling_auto
 from torch import nn
-from transformers.models.auto import modeling_auto as auto
 
-# (pipeline task, Auto class, mapping), most specific first. The mappings are the ones the Auto classes register into.
-TASKS: list[tuple[str, str, object]] = [
-    ("text-generation", "AutoModelForCausalLM", auto.MODEL_FOR_CAUSAL_LM_MAPPING),
-    ("text2text-generation", "AutoModelForSeq2SeqLM", auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING),
-    ("fill-mask", "AutoModelForMaskedLM", auto.MODEL_FOR_MASKED_LM_MAPPING),
-    ("text-classification", "AutoModelForSequenceClassification", auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING),
-    ("token-classification", "AutoModelForTokenClassification", auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING),
-    ("question-answering", "AutoModelForQuestionAnswering", auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING),
-    ("image-classification", "AutoModelForImageClassification", auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING),
-    ("audio-classification", "AutoModelForAudioClassification", auto.MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING),
-    ("image-segmentation", "AutoModelForSemanticSegmentation", auto.MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING),
-]
-CLASSIFICATION_TASKS = ("text-classification", "image-classification", "audio-classification")
+from .extraction import base_of
+
+# (pipeline-style task, Auto class name), most specific first.
+TASK_AUTO_CLASSES: tuple[tuple[str, str], ...] = (
+    ("text-generation", "AutoModelForCausalLM"),
+    ("text2text-generation", "AutoModelForSeq2SeqLM"),
+    ("fill-mask", "AutoModelForMaskedLM"),
+    ("text-classification", "AutoModelForSequenceClassification"),
+    ("token-classification", "AutoModelForTokenClassification"),
+    ("question-answering", "AutoModelForQuestionAnswering"),
+    ("multiple-choice", "AutoModelForMultipleChoice"),
+    ("image-classification", "AutoModelForImageClassification"),
+    ("audio-classification", "AutoModelForAudioClassification"),
+    ("video-classification", "AutoModelForVideoClassification"),
+    ("image-segmentation", "AutoModelForSemanticSegmentation"),
+    ("object-detection", "AutoModelForObjectDetection"),
+    ("depth-estimation", "AutoModelForDepthEstimation"),
+    ("automatic-speech-recognition", "AutoModelForSpeechSeq2Seq"),
+    ("automatic-speech-recognition", "AutoModelForCTC"),
+    ("image-text-to-text", "AutoModelForImageTextToText"),
+    ("image-to-image", "AutoModelForImageToImage"),
+)
+HEADLESS_AUTO_CLASS = "AutoModel"
+# Tasks whose model predicts labels from `config.num_labels` (per sample, or per token).
+CLASSIFICATION_TASKS = frozenset(
+    {"text-classification", "token-classification", "image-classification", "audio-classification",
+     "video-classification"}
+)
 
 
-def base_model(model: nn.Module) -> nn.Module:
-    """The transformers model behind a PEFT wrapper (the model itself otherwise)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+def base_model_class(model_or_class: nn.Module | type) -> type:
+    """The class of the transformers model itself: a PEFT wrapper is unwrapped with `get_base_model()`."""
+    return model_or_class if isinstance(model_or_class, type) else type(base_of(model_or_class))
 
 
-def task_entry(config: object, architecture: str) -> tuple[str, str] | None:
-    """(pipeline task, Auto class name) of the model class named `architecture` for `config`, if a mapping has it."""
-    for task, auto_name, mapping in TASKS:
-        try:
-            cls = mapping[type(config)]
-        except KeyError:
-            continue
-        if cls.__name__ == architecture:
-            return task, auto_name
+def _mapped_names(auto_class: type) -> Iterator[str]:
+    """Names of the model classes in `auto_class`'s built-in table (values may be one name or several)."""
+    for value in auto_class._model_mapping._model_mapping.values():
+        yield from (value,) if isinstance(value, str) else value
+
+
+def _maps(auto_class: type, cls: type) -> bool:
+    """Whether `auto_class` loads exactly `cls`: registered at run time, or listed by name in transformers' table."""
+    mapping = auto_class._model_mapping
+    if any(registered is cls for registered in mapping._extra_content.values()):
+        return True
+    return cls.__module__.startswith("transformers.") and cls.__name__ in set(_mapped_names(auto_class))
+
+
+def _auto_class(cls: type) -> tuple[str | None, type] | None:
+    """(task, Auto class) for `cls` itself, not its bases; None when no Auto class lists it."""
+    for task, name in TASK_AUTO_CLASSES:
+        auto = getattr(transformers, name, None)
+        if auto is not None and _maps(auto, cls):
+            return task, auto
+    return (None, transformers.AutoModel) if _maps(transformers.AutoModel, cls) else None
+
+
+def _lookup(model_or_class: nn.Module | type) -> tuple[str | None, type] | None:
+    """(task, Auto class) of the first class in the model's MRO that an Auto class lists (subclasses inherit)."""
+    for cls in base_model_class(model_or_class).__mro__:
+        found = _auto_class(cls)
+        if found is not None:
+            return found
     return None
 
 
-def _task_entry(model: nn.Module) -> tuple[str, str] | None:
-    model = base_model(model)
-    config = getattr(model, "config", None)
-    return None if config is None else task_entry(config, type(model).__name__)
+def task_of(model_or_class: nn.Module | type) -> str | None:
+    """Pipeline-style task of a model or model class ("text-generation", "image-classification", ...); None when
+    only the headless `AutoModel` (or no Auto class) knows it."""
+    found = _lookup(model_or_class)
+    return found[0] if found else None
 
 
-def task_of(model: nn.Module) -> str | None:
-    """The pipeline task of `model` ("text-generation", "image-classification", ...), or None if unknown."""
-    entry = _task_entry(model)
-    return entry[0] if entry else None
+def auto_class_for(model_or_class: nn.Module | type) -> type:
+    """The Auto class that loads this model with its head (e.g. `AutoModelForCausalLM` for `LlamaForCausalLM`);
+    `AutoModel` only for models no task-specific Auto class lists."""
+    found = _lookup(model_or_class)
+    if found is None:
+        cls = base_model_class(model_or_class)
+        raise ValueError(
+            f"No transformers Auto class loads {cls.__name__}: register it first, e.g. "
+            f"AutoModelForImageClassification.register({cls.__name__}.config_class, {cls.__name__})."
+        )
+    return found[1]
 
 
-def auto_class_for(model: nn.Module) -> type:
-    """The Auto class that loads a model like `model` with its head (`AutoModel` only for models without one)."""
-    entry = _task_entry(model)
-    return getattr(transformers, entry[1]) if entry else transformers.AutoModel
-
-
-def is_classifier(model: nn.Module) -> bool:
+def is_classifier(model: nn.Module | type) -> bool:
+    """Whether the model predicts `config.num_labels` classes (per sample or per token)."""
     return task_of(model) in CLASSIFICATION_TASKS
+
+
+def reads_last_token(model: nn.Module | type) -> bool:
+    """Whether a sequence classifier reads its last real token (decoder-only models such as GPT-2, Llama, Qwen2) rather
+    than its first: true for model types with a causal LM and no masked LM in transformers' tables."""
+    config = getattr(base_model_class(model), "config_class", None)
+    model_type = getattr(config, "model_type", None)
+    return (model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and model_type not in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+
+def task_of_saved(config: object, architecture: str) -> tuple[str | None, str]:
+    """(task, Auto class name) of a saved model from its config and recorded architecture name, for a folder whose
+    model is not loaded (e.g. when pushing it); (None, "AutoModel") when no task-specific Auto class maps it."""
+    for task, name in TASK_AUTO_CLASSES:
+        auto = getattr(transformers, name, None)
+        try:
+            cls = auto._model_mapping[type(config)] if auto is not None else None
+        except KeyError:
+            continue
+        if cls is not None and cls.__name__ == architecture:
+            return task, name
+    return None, HEADLESS_AUTO_CLASS

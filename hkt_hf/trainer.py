@@ -27,7 +27,8 @@ from .lineage import lineage_record, write_lineage
 from .model_card import TAGS, add_lineage_to_card
 from .objective import HKTObjective, NonFiniteLossError, StepResult, head_replay_possible, probe
 from .parent import check_compatible, check_finite_weights, frozen, load_parent
-from .tasks import base_model, task_of
+from .extraction import base_of
+from .tasks import auto_class_for, task_of
 from .training_args import HKTTrainingArguments
 from .transformers_workarounds import ResumeWithWeightConversion
 
@@ -109,19 +110,16 @@ class HKTTrainer(ResumeWithWeightConversion):
         if model is None:
             raise ValueError("HKTTrainer needs the child `model`; `model_init` is not supported.")
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
-        # Every HKT term is a per-batch mean, so the Trainer must divide by the accumulation steps itself.
-        self.model_accepts_loss_kwargs = False
-        self.loss_is_scaled_for_ga = False
         parent_name = parent_model if isinstance(parent_model, str) else self.args.hkt_parent
         self.parent_model = self._prepare_parent(parent_model if parent_model is not None else self.args.hkt_parent)
         if parent_name is None:
-            parent_name = getattr(getattr(base_model(self.parent_model), "config", None), "_name_or_path", None) or None
-        self.parent_name = parent_name or type(base_model(self.parent_model)).__name__
+            parent_name = getattr(getattr(base_of(self.parent_model), "config", None), "_name_or_path", None) or None
+        self.parent_name = parent_name or type(base_of(self.parent_model)).__name__
         check_compatible(self.parent_model, self.model)
         self.carriers = resolve_carriers(self.args.hkt_carriers, self.parent_model, self.model)
         self.hkt_lineage = lineage_record(
             self.args, parent=parent_name, carriers=[str(c) for c in self.carriers],
-            child_architecture=type(base_model(self.model)).__name__,
+            child_architecture=type(base_of(self.model)).__name__,
         )
         if self.args.hkt_on_nonfinite == "skip" and self.args.world_size > 1:
             raise ValueError("hkt_on_nonfinite='skip' works in a single process only; use 'stop' with several.")
@@ -175,7 +173,8 @@ class HKTTrainer(ResumeWithWeightConversion):
         return self.hkt_adapter
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        """`Trainer.train`, with the HKT adapter attached for the run and detached afterwards, whatever happens.
+        """`Trainer.train`, with the parent frozen and the HKT adapter attached for the run, both undone afterwards,
+        whatever happens.
 
         `resume_from_checkpoint` only accepts checkpoints whose save completed (see `checkpointing.py`); the adapter
         resumes from the checkpoint's `hkt_adapter.safetensors`.
@@ -184,6 +183,9 @@ class HKTTrainer(ResumeWithWeightConversion):
             raise ValueError("The training dataset is empty; HKT needs labelled training examples.")
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         with ExitStack() as stack:
+            # Frozen for the whole run too, not only inside each step: backward (and any activation checkpointing
+            # recomputed in it) runs after `compute_loss` has returned.
+            stack.enter_context(frozen(self.parent_model, self.args.hkt_parent_mode))
             with torch.random.fork_rng(devices=[self.args.device] if self.args.device.type == "cuda" else []):
                 batch = next(iter(self.get_train_dataloader()))
             self._objective = None
@@ -225,7 +227,7 @@ class HKTTrainer(ResumeWithWeightConversion):
             buffers_restored_on_skip(child, self.parent_model) if skip else nullcontext() as restore,
         ):
             try:
-                result = self._run_objective(model, child, adapter, inputs)
+                result = self._run_objective(model, child, adapter, inputs, num_items_in_batch)
             except NonFiniteLossError as err:
                 message = f"Step {self.state.global_step + 1}: {err}"
                 if not skip:
@@ -243,7 +245,8 @@ class HKTTrainer(ResumeWithWeightConversion):
         return (result.loss, result.outputs) if return_outputs else result.loss
 
     def _run_objective(
-        self, model: nn.Module, child: nn.Module, adapter: HKTAdapter, inputs: dict[str, Any]
+        self, model: nn.Module, child: nn.Module, adapter: HKTAdapter, inputs: dict[str, Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
     ) -> StepResult:
         """The objective under the run's autocast, inside the forward of any wrapper (DDP, DeepSpeed) around the child.
 
@@ -254,24 +257,35 @@ class HKTTrainer(ResumeWithWeightConversion):
         """
 
         def native(batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
-            # Trainer's own loss (label smoothing, compute_loss_func); it may pop from the dict.
-            return super(HKTTrainer, self).compute_loss(child, dict(batch), return_outputs=True)
+            return self._native_loss(batch, num_items_in_batch)
 
         def step() -> StepResult:
             with self.accelerator.autocast():
-                return self._objective(child, adapter, inputs, native)
+                return self._objective(child, adapter, inputs, native, self._items_per_process(num_items_in_batch))
 
         if model is child:
             return step()
         with forward_replaced(child, step):
             return model(**inputs)
 
+    def _native_loss(
+        self, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        # Trainer's own loss (label smoothing, compute_loss_func) on the bare child for the native term; it may pop
+        # from the dict.
+        child = self.accelerator.unwrap_model(self.model)
+        return super().compute_loss(child, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch)
+
+    def _items_per_process(self, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | int | None:
+        """The count the HKT terms divide by: `Trainer.compute_loss` multiplies a loss normalised by the count over
+        all processes by their number (DDP averages gradients), so the same factor is taken out of the count."""
+        if num_items_in_batch is None or not self.args.average_tokens_across_devices:
+            return num_items_in_batch
+        return num_items_in_batch / (self.accelerator.num_processes // self.get_tp_size())
+
     def _record(self, result: StepResult) -> None:
-        for name, value in result.parts.items():
-            self._hkt_logs[f"hkt/loss_{name}"].append(value.detach())
-        for name, gate in result.gates.items():
-            self._hkt_logs[f"hkt/{name}/gate_mean"].append(gate.gate.detach().float().mean())
-            self._hkt_logs[f"hkt/{name}/mix_weight_mean"].append(gate.weight.detach().float().mean())
+        for key, value in result.logs.items():
+            self._hkt_logs[key].append(value)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the HKT loss parts and gate statistics, averaged over the steps since the last training log."""
@@ -340,7 +354,11 @@ class HKTTrainer(ResumeWithWeightConversion):
             dataset_args=dataset_args,
         )
         name = self.hub_model_id or self.args.hub_model_id or model_name or os.path.basename(self.args.output_dir)
-        add_lineage_to_card(os.path.join(self.args.output_dir, "README.md"), self.hkt_lineage, name)
+        try:
+            auto_class = auto_class_for(self.model).__name__
+        except ValueError:  # an architecture no Auto class knows: the card cannot say how to load it
+            auto_class = None
+        add_lineage_to_card(os.path.join(self.args.output_dir, "README.md"), self.hkt_lineage, name, auto_class)
 
 
 class HKTSeq2SeqTrainer(HKTTrainer, Seq2SeqTrainer):

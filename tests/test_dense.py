@@ -20,6 +20,7 @@ from hkt_hf.data.segmentation import make_pasted_segmentation, paste_scene, prep
 from hkt_hf.extraction import FeatureExtractor, FeatureSpec
 from hkt_hf.metrics import confusion_matrix, evaluate_segmentation, iou_scores
 from hkt_hf.objective import kd_loss
+from hkt_hf.parent import frozen
 from hkt_hf.transfer import Aligner
 
 from helpers import import_example, training_args
@@ -210,7 +211,8 @@ def test_gate_is_computed_per_spatial_position_for_segformer_maps(tmp_path, scen
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     adapter = trainer._ensure_adapter(child, batch)
     child.train()
-    result = trainer._objective(child, child, adapter, batch, trainer._native_loss)
+    with frozen(parent, "eval"):  # as the trainer runs each step
+        result = trainer._objective(child, adapter, batch, trainer._native_loss)
     gates = list(result.gates.values())
     assert gates[0].gate.shape == (8, SIZE // 4, SIZE // 4)  # one gate per position of the stage-0 map
     assert gates[1].gate.shape == (8, 16)  # one per token of the stage-1 block

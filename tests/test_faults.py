@@ -200,3 +200,34 @@ def test_a_bf16_child_leaves_an_fp32_parent_in_fp32(tmp_path):
     trainer.train()
     assert all(p.dtype == torch.float32 for p in parent.parameters())
     assert all(torch.isfinite(p.float()).all() for p in child.parameters())
+
+
+# ---- a carrier that yields no tensor ------------------------------------------------------------------------------
+
+
+class NoneOutput(nn.Module):
+    """A module returning None (e.g. a logging or side-effect module), wrapped around a real one."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        self.inner(x)
+        return None
+
+
+def test_a_carrier_module_whose_output_is_none_is_named(tmp_path):
+    child = H.tiny_resnet(8)
+    child.probe = NoneOutput(nn.Identity())
+    original = child.forward
+
+    def forward(*args, **kwargs):
+        child.probe(kwargs["pixel_values"])
+        return original(*args, **kwargs)
+
+    child.forward = forward
+    trainer = resnet_trainer(tmp_path, child=child, hkt_carriers=["resnet.pooler=probe"])
+    with pytest.raises(TypeError, match=r"the output of the child's carrier module 'probe' \(carrier 'probe'\): it is "
+                                        r"of type NoneType"):
+        trainer.train()

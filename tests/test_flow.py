@@ -14,6 +14,7 @@ from transformers import AutoModel
 from helpers import import_example
 from hkt_hf import HKTTrainer, HKTTrainingArguments
 from hkt_hf.lineage import read_lineage
+from hkt_hf.parent import frozen
 from hkt_hf.data.images import load_image_dataset
 from hkt_hf.data.optical_flow import KnownWarpFlow
 from hkt_hf.metrics import evaluate_flow
@@ -161,8 +162,8 @@ def test_hkt_trains_raft_small_from_raft_with_several_carriers(tmp_path, pairs, 
     # The feature-encoder gate is one value per position of the 1/8 map of both frames (batch 2 -> 4 maps).
     batch = next(iter(torch.utils.data.DataLoader(pairs, batch_size=2)))
     adapter = trainer._ensure_adapter(child, batch)
-    with torch.no_grad():
-        result = trainer._objective(child, child, adapter, batch, trainer._native_loss)
+    with torch.no_grad(), frozen(parent, "eval"):  # as the trainer runs each step
+        result = trainer._objective(child, adapter, batch, trainer._native_loss)
     assert result.gates[carriers[0]].gate.shape == (4, 16, 16)
     if len(carriers) == 3:
         assert result.gates[carriers[2]].gate.shape == (4, 32, 32)  # layer2 works at 1/4 resolution

@@ -38,20 +38,6 @@ def copy_task(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-class PadOnly:
-    """`DataCollatorForSeq2Seq` needs a tokenizer only to pad; a minimal stand-in with T5's pad id."""
-
-    pad_token_id = 0
-    padding_side = "right"
-
-    def pad(self, features, **kwargs):
-        width = max(len(f["input_ids"]) for f in features)
-        return {
-            key: torch.tensor([f[key] + [0] * (width - len(f[key])) for f in features])
-            for key in ("input_ids", "attention_mask")
-        }
-
-
 def test_seq2seq_child_trains_and_evaluates_with_generate(tmp_path):
     args = HKTSeq2SeqTrainingArguments(
         str(tmp_path / "run"), use_cpu=True, report_to="none", max_steps=8, per_device_train_batch_size=4,
@@ -60,7 +46,8 @@ def test_seq2seq_child_trains_and_evaluates_with_generate(tmp_path):
     )
     assert isinstance(args, HKTTrainingArguments)
     child, parent = tiny_t5(16, 0), tiny_t5(32, 1)
-    collator = DataCollatorForSeq2Seq(PadOnly(), model=child, label_pad_token_id=-100)  # as run_summarization.py
+    # As run_summarization.py builds it; the word-level tokenizer only pads here (its pad id is T5's, 0).
+    collator = DataCollatorForSeq2Seq(H.word_tokenizer(), model=child, label_pad_token_id=-100)
     trainer = HKTSeq2SeqTrainer(model=child, args=args, parent_model=parent, train_dataset=copy_task(32),
                                 eval_dataset=copy_task(8, seed=1), data_collator=collator)
     assert isinstance(trainer, Seq2SeqTrainer)
@@ -68,7 +55,7 @@ def test_seq2seq_child_trains_and_evaluates_with_generate(tmp_path):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert {"hkt/loss_native", "hkt/loss_child_mixed", "hkt/loss_parent_head"} <= set(logs[-1])
     prediction = trainer.predict(copy_task(8, seed=1))
-    assert prediction.predictions.ndim == 2 and prediction.predictions.shape[1] <= 8  # generated token ids
+    assert prediction.predictions.ndim == 2 and prediction.predictions.dtype.kind == "i"  # generated token ids
     assert "test_loss" in prediction.metrics
 
     trainer.save_model()

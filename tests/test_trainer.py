@@ -31,7 +31,7 @@ from hkt_hf.models.cifar_resnet.convert_reference_checkpoint import import_check
 from hkt_hf.lineage import HKT_CONFIG_NAME
 from hkt_hf.data.images import prepare_image_dataset, strided_subset
 from hkt_hf.objective import HKTObjective, StepResult
-from hkt_hf.transfer import Aligner
+from hkt_hf.transfer import Aligner, match_size
 
 LAM = 0.6
 AUTO_CARRIER = "classifier:input=classifier:input"
@@ -192,8 +192,8 @@ def test_deep_carrier_with_aligners_runs_the_parent_downstream(resnets, cifar_ba
     q = child.resnet(pixels, output_hidden_states=True).hidden_states[-1]
     with torch.no_grad():
         h = parent_ref.resnet(pixels, output_hidden_states=True).hidden_states[2]
-    m = genetic_mix(q, adapter.to_child[0](h))
-    parent_logits = parent_ref.classifier(parent_ref.resnet.layer3(adapter.to_parent[0](m)).mean((2, 3)))
+    m = genetic_mix(q, match_size(adapter.to_child[0](h), q))
+    parent_logits = parent_ref.classifier(parent_ref.resnet.layer3(match_size(adapter.to_parent[0](m), h)).mean((2, 3)))
     expected = (F.cross_entropy(child.classifier(q.mean((2, 3))), labels)
                 + F.cross_entropy(child.classifier(m.mean((2, 3))), labels)
                 + F.cross_entropy(parent_logits, labels))
@@ -332,7 +332,10 @@ def test_logged_hkt_values_are_means_over_the_logged_steps(accumulation_runs, ru
             np.mean([g.weight.mean().item() for g in gates]))
         for part in ("native", "child_mixed", "parent_head"):
             assert log[f"hkt/loss_{part}"] == pytest.approx(np.mean([s.parts[part].item() for s in window]))
-        assert log["loss"] == pytest.approx(np.mean([s.loss.item() for s in window]), abs=1e-4)
+        # Each micro-batch's loss is normalised over the whole accumulated batch (num_items_in_batch), as the
+        # plain Trainer's: the step's loss is their sum.
+        accumulation = trainer.args.gradient_accumulation_steps
+        assert log["loss"] == pytest.approx(np.mean([s.loss.item() for s in window]) * accumulation, abs=1e-4)
         # The genetic gate's weight is lambda * (1 - a) step by step, so also on average.
         assert log[f"hkt/{AUTO_CARRIER}/mix_weight_mean"] == pytest.approx(
             LAM * (1 - log[f"hkt/{AUTO_CARRIER}/gate_mean"]))

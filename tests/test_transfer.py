@@ -1,4 +1,5 @@
-"""Transfer aligners: identity for equal shapes, projection plus resizing for vectors, tokens and maps."""
+"""Transfer: aligners map channels only (identity for equal channels); `match_size` resizes maps to the current
+batch's target and refuses token features of different lengths."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from hkt_hf.adapter import channels
-from hkt_hf.transfer import Aligner, build_aligner, feature_kind
+from hkt_hf.transfer import Aligner, build_aligner, feature_kind, match_size
 
 
-def test_equal_shapes_give_identity():
-    for shape in [(8,), (5, 8), (8, 4, 4)]:
-        assert isinstance(build_aligner(shape, shape), nn.Identity)
+def test_equal_channels_give_identity_whatever_the_length_or_size():
+    for src, dst in [((8,), (8,)), ((5, 8), (5, 8)), ((8, 4, 4), (8, 4, 4)), ((10, 8), (5, 8)), ((8, 4, 4), (8, 2, 2))]:
+        assert isinstance(build_aligner(src, dst), nn.Identity)
 
 
 def test_vector_channel_change_is_a_linear():
@@ -23,19 +24,20 @@ def test_vector_channel_change_is_a_linear():
     torch.testing.assert_close(aligner(x), F.linear(x, aligner.proj.weight, aligner.proj.bias))
 
 
-def test_token_hidden_and_count_change():
-    aligner = build_aligner((10, 6), (5, 4))
+def test_token_aligner_maps_the_hidden_size_of_any_length():
+    """Built on a batch of 10 tokens, it serves batches of any length: nothing depends on the first batch."""
+    aligner = build_aligner((10, 6), (10, 4))
     assert isinstance(aligner.proj, nn.Linear)
-    x = torch.randn(2, 10, 6)
-    y = aligner(x)
-    assert y.shape == (2, 5, 4)
-    projected = aligner.proj(x)
-    expected = F.interpolate(projected.transpose(1, 2), size=5, mode="linear").transpose(1, 2)
-    torch.testing.assert_close(y, expected)
-    # Same hidden size, different token count: no projection, only resizing.
-    resize_only = build_aligner((10, 4), (5, 4))
-    assert isinstance(resize_only.proj, nn.Identity)
-    assert resize_only(torch.randn(2, 10, 4)).shape == (2, 5, 4)
+    for length in (10, 3, 17):
+        x = torch.randn(2, length, 6)
+        torch.testing.assert_close(aligner(x), aligner.proj(x))
+
+
+def test_token_features_of_different_lengths_are_a_clear_error():
+    with pytest.raises(ValueError, match=r"carrier 'a=b'.*7 and 5 positions.*HKT needs token-aligned inputs"):
+        match_size(torch.randn(2, 7, 4), torch.randn(2, 5, 4), "carrier 'a=b'")
+    same = torch.randn(2, 5, 8)
+    assert match_size(same, torch.randn(2, 5, 4)) is same  # channels may differ; lengths agree
 
 
 def test_map_channel_change_is_a_1x1_conv():
@@ -46,18 +48,18 @@ def test_map_channel_change_is_a_1x1_conv():
     torch.testing.assert_close(aligner(x), expected)
 
 
-def test_map_downsizing_pools_and_upsizing_interpolates():
-    down = build_aligner((4, 8, 8), (4, 4, 4))
+def test_maps_are_resized_to_the_current_target_size():
+    """Pooling to shrink and interpolation to grow, to whatever size the target has in this batch."""
     x = torch.randn(2, 4, 8, 8)
-    torch.testing.assert_close(down(x), F.avg_pool2d(x, 2))
-    up = build_aligner((4, 4, 4), (2, 8, 8))
-    y = up(torch.randn(2, 4, 4, 4))
-    assert y.shape == (2, 2, 8, 8)
+    torch.testing.assert_close(match_size(x, torch.randn(2, 3, 4, 4)), F.avg_pool2d(x, 2))
+    assert match_size(torch.randn(2, 4, 4, 4), torch.randn(2, 2, 8, 8)).shape == (2, 4, 8, 8)
+    assert match_size(x, torch.randn(1, 1, 6, 5)).shape == (2, 4, 6, 5)  # a later batch of another size
+    assert match_size(x, torch.randn(2, 9, 8, 8)) is x
 
 
 def test_gradients_reach_aligner_parameters():
     aligner = build_aligner((6, 4, 4), (3, 2, 2))
-    aligner(torch.randn(2, 6, 4, 4)).square().sum().backward()
+    match_size(aligner(torch.randn(2, 6, 4, 4)), torch.randn(2, 3, 2, 2)).square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in aligner.parameters())
 
 
