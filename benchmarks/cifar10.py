@@ -47,6 +47,7 @@ from common import (  # noqa: E402
     atomic_write_json,
     atomic_write_text,
     decoded_split,
+    load_results,
     load_pretrained,
     recipe_args,
     prepare,
@@ -85,18 +86,6 @@ def recipe(settings: dict[str, Any], bf16: bool) -> dict[str, Any]:
         augmentation=f"random_crop_flip pad {PADDING}", normalisation="ImageNet mean/std",
         child_init=CHECKPOINTS["resnet20"], parent_init=CHECKPOINTS["resnet56"],
     )
-
-
-def load_results(path: Path, rec: dict[str, Any]) -> dict[str, Any]:
-    if not path.exists():
-        return {"recipe": rec, "runs": {}, "reference": {}, "commands": []}
-    results = json.loads(path.read_text())
-    if results["recipe"] != rec:
-        raise SystemExit(
-            f"{path} holds runs of another recipe:\n  stored:    {results['recipe']}\n  requested: {rec}\n"
-            "Resume with the same options, or pass --out to a new folder."
-        )
-    return results
 
 
 def trainer_for(method: str, model, args_dir: Path, seed: int, rec: dict[str, Any], train_ds, parent) -> Trainer:
