@@ -46,6 +46,7 @@ from common import (  # noqa: E402
     CifarTensors,
     atomic_write_json,
     atomic_write_text,
+    commands_line,
     decoded_split,
     load_results,
     load_pretrained,
@@ -237,11 +238,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"{rec['augmentation']}, {rec['normalisation']}, {'bf16 autocast' if rec['bf16'] else 'fp32'} training; "
         f"final accuracy in fp32 on {test} test images, measured once after the last step.",
         "",
-        "Commands: " + "; ".join(
-            f"`{c['argv']}` ({c['started']}, "
-            + (f"{c['wall_s'] / 60:.0f} min" if "wall_s" in c else "not finished: running or interrupted") + ")"
-            for c in results["commands"]
-        ),
+        commands_line(results["commands"]),
     ]
     return "\n".join(lines)
 

@@ -80,6 +80,16 @@ def load_results(path: Path, rec: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
+def commands_line(commands: list[dict[str, Any]]) -> str:
+    """The Markdown line listing a benchmark's invocations with their wall time, and the total of the finished ones."""
+    finished = sum(c.get("wall_s", 0.0) for c in commands)
+    return "Commands: " + "; ".join(
+        f"`{c['argv']}` ({c['started']}, "
+        + (f"{c['wall_s'] / 60:.1f} min" if "wall_s" in c else "not finished: running or interrupted") + ")"
+        for c in commands
+    ) + f". Wall time of the finished invocations: {finished / 60:.1f} min."
+
+
 def decoded_split(split: str, rows: int | None = None, cache: Path = CACHE) -> tuple[np.ndarray, np.ndarray]:
     """Images [N, 32, 32, 3] uint8 and labels [N] of a shared CIFAR-10 split (a strided subset of `rows`), decoded
     from JPEG once and cached as .npz."""

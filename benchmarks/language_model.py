@@ -42,10 +42,11 @@ from transformers import Trainer, default_data_collator
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from common import CACHE, RESULTS, atomic_write_json, atomic_write_text, load_results  # noqa: E402
+from common import CACHE, RESULTS, atomic_write_json, atomic_write_text, commands_line, load_results  # noqa: E402
 from comparison import KDTrainer  # noqa: E402
 from lm_task import (  # noqa: E402
     DATA_DIR,
+    FULL_SIZES,
     HEAD_CARRIER,
     LMSizes,
     child_config,
@@ -53,6 +54,7 @@ from lm_task import (  # noqa: E402
     new_model,
     perplexity,
     prepare,
+    strided,
 )
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments  # noqa: E402
@@ -81,14 +83,19 @@ DESCRIPTIONS = {
     "hkt-learned": "HKT, LM-head input, learned gate",
     "hkt-static": "HKT, LM-head input, static gate (0.7 p + 0.3 q)",
 }
-FULL = dict(sizes=LMSizes(vocab_size=4096, block_size=128, parent_layers=6, parent_hidden=256, parent_heads=4,
-                          parent_steps=600, batch_size=16, lr=1e-3),
-            steps=150, eval_every=25, eval_blocks=256)
+FULL = dict(sizes=FULL_SIZES, steps=180, eval_every=20, eval_blocks=256)
 QUICK = dict(sizes=LMSizes(vocab_size=300, block_size=32, parent_layers=3, parent_hidden=64, parent_heads=2,
                            parent_steps=15, batch_size=8, lr=3e-3, train_rows=60, eval_rows=3),
              steps=8, eval_every=4, eval_blocks=32)
-# How the full sizes were chosen (single runs measured on the 2-core machine, see benchmarks/README.md).
-SIZING = "see the final report of the engineer who sized it; re-measure with `--steps` on a quiet machine"
+# How the full sizes were chosen: single runs of 8 steps (one validation of 256 blocks included) at the full model
+# sizes, measured on 2026-11-30 on the 2-core machine while other jobs kept its load average near 7, one torch thread.
+SIZING = (
+    "measured s / step at full sizes under a load average of ~7 (1 thread, 8 steps incl. one validation): "
+    "child 0.98, kd 2.06, hkt 2.36, hkt-layers 3.27, hkt+kd 3.20, parent 1.82; one HKT run in a quiet moment "
+    "(2 threads) took 0.52 s / step, about 4.5 times faster. Projected on 2 free cores: parent 800 steps ~5-6 min, "
+    "8 methods x 3 seeds x 180 steps ~35-38 min, data and tokenizer ~1 min: ~45 min in all (about 3 h under the "
+    "measured load). `--steps` changes the child budget (refused for a results folder of another budget: use `--out`)"
+)
 
 
 def recipe(settings: dict[str, Any]) -> dict[str, Any]:
@@ -106,13 +113,11 @@ def layer_carriers(parent_layers: int, child_layers: int) -> list[str]:
 def trainer_for(method: str, seed: int, rec: dict[str, Any], run_dir: Path, data, tokenizer, parent) -> Trainer:
     sizes = rec["sizes"]
     child = new_model(child_config(parent.config), seed=seed)
-    eval_data = data["validation"].select(range(0, len(data["validation"]),
-                                                max(1, len(data["validation"]) // rec["eval_blocks"])))
-    run = dict(output_dir=str(run_dir), seed=seed, max_steps=rec["steps"], per_device_train_batch_size=sizes["batch_size"],
-               learning_rate=sizes["lr"], logging_steps=rec["eval_every"], eval_strategy="steps",
-               eval_steps=rec["eval_every"])
-    common = dict(train_dataset=data["train"], eval_dataset=eval_data, data_collator=default_data_collator,
-                  processing_class=tokenizer)
+    run = dict(output_dir=str(run_dir), seed=seed, max_steps=rec["steps"], learning_rate=sizes["lr"],
+               per_device_train_batch_size=sizes["batch_size"], logging_steps=rec["eval_every"],
+               eval_strategy="steps", eval_steps=rec["eval_every"])
+    common = dict(train_dataset=data["train"], eval_dataset=strided(data["validation"], rec["eval_blocks"]),
+                  data_collator=default_data_collator, processing_class=tokenizer)
     extra = METHODS[method]
     if extra is None:
         return Trainer(child, lm_args(**run), **common)
@@ -244,8 +249,8 @@ def markdown_table(results: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|"]
     for method, row in summarise(results).items():
         per_seed = ", ".join(f"{p:.2f}" for _, p in sorted(zip(row["seeds"], row["ppl"])))
-        gates = "; ".join(f"`{c}`: {statistics.fmean(s['gate_mean']):.3f} / {statistics.fmean(s['mix_weight_mean']):.3f}"
-                          for c, s in row["gates"].items()) or "-"
+        gates = "; ".join(f"`{c}`: {statistics.fmean(s['gate_mean']):.3f} / "
+                          f"{statistics.fmean(s['mix_weight_mean']):.3f}" for c, s in row["gates"].items()) or "-"
         lines.append(f"| {DESCRIPTIONS[method]} | {len(row['ppl'])} | {row['mean']:.2f} +- {row['std']:.2f} | "
                      f"{per_seed} | {gates} | {row['mean_train_s']:.0f} |")
     if parent:
@@ -266,11 +271,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         "",
         f"Sizing: {SIZING}.",
         "",
-        "Commands: " + "; ".join(
-            f"`{c['argv']}` ({c['started']}, "
-            + (f"{c['wall_s'] / 60:.1f} min" if "wall_s" in c else "not finished: running or interrupted") + ")"
-            for c in results["commands"]
-        ),
+        commands_line(results["commands"]),
     ]
     return "\n".join(lines)
 

@@ -22,7 +22,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lm_task import DATA_DIR, HEAD_CARRIER, RECIPE, LMSizes, child_config, new_model, perplexity, prepare
+from lm_task import (
+    DATA_DIR,
+    FULL_SIZES,
+    HEAD_CARRIER,
+    RECIPE,
+    LMSizes,
+    child_config,
+    new_model,
+    perplexity,
+    prepare,
+)
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -34,10 +44,8 @@ from transformers import (
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments
 
-FULL = LMSizes(vocab_size=4096, block_size=128, parent_layers=6, parent_hidden=256, parent_heads=4, parent_steps=800,
-               batch_size=16, lr=1e-3)
 QUICK = LMSizes(vocab_size=500, block_size=64, parent_layers=2, parent_hidden=64, parent_heads=2, parent_steps=30,
-                batch_size=16, lr=3e-3, train_rows=150, eval_rows=4)
+                batch_size=16, lr=3e-3, train_rows=100, eval_rows=3)
 # The child's recipe in --quick mode (every value can still be overridden on the command line).
 QUICK_ARGS = dict(max_steps=20, per_device_train_batch_size=16, learning_rate=3e-3, logging_steps=5,
                   hkt_carriers=[HEAD_CARRIER])
@@ -48,7 +56,7 @@ PROMPT = "def "
 class ScriptArguments:
     data_dir: str = field(default=str(DATA_DIR), metadata={"help": "folder of {train,validation,test}.parquet"})
     parent: str | None = field(default=None, metadata={
-        "help": "a save_pretrained folder of a causal LM with its tokenizer; default: train one (cached)"})
+        "help": "a save_pretrained folder of a Llama causal LM with its tokenizer; default: train one (cached)"})
     quick: bool = field(default=False, metadata={"help": "tiny tokenizer, models, data and steps (CI smoke run)"})
 
 
@@ -64,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     _, plain_args, _ = plain_parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     plain_args.output_dir = f"{args.output_dir}/alone"
 
-    sizes = QUICK if script.quick else FULL
+    sizes = QUICK if script.quick else FULL_SIZES
     tokenizer, data, parent, _ = prepare(script.data_dir, sizes, Path(args.output_dir) / "cache", script.parent)
     initial = new_model(child_config(parent.config), seed=args.seed)
     common = dict(eval_dataset=data["validation"], data_collator=default_data_collator, processing_class=tokenizer)

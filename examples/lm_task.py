@@ -56,19 +56,27 @@ class LMSizes:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
+# The full-size task, shared by the example and the benchmark (so they share a cached tokenizer and parent): a
+# 6-layer, 256-wide parent (5.8 M parameters with a 4096-token vocabulary) trained for 800 steps of 16 x 128 tokens.
+FULL_SIZES = LMSizes(vocab_size=4096, block_size=128, parent_layers=6, parent_hidden=256, parent_heads=4,
+                     parent_steps=800, batch_size=16, lr=1e-3)
+
+
+def strided(ds: Dataset, rows: int | None) -> Dataset:
+    """`rows` rows spread evenly over `ds` (all of it when `rows` is None or not smaller)."""
+    return ds if rows is None or rows >= len(ds) else ds.select(range(0, len(ds), len(ds) // rows)[:rows])
+
+
 def load_corpus(data_dir: str | Path, sizes: LMSizes) -> DatasetDict:
     """The corpus's three splits (columns path, text), as strided subsets when `sizes` asks for fewer rows: the rows
     are sorted by path, so the first N would all come from a few packages."""
     data_dir = Path(data_dir)
     missing = [s for s in SPLITS if not (data_dir / f"{s}.parquet").is_file()]
     if missing:
-        raise FileNotFoundError(f"{data_dir} lacks {', '.join(f'{s}.parquet' for s in missing)}: pass --data_dir, a "
-                                "folder holding the python-stdlib corpus (../shared/data/python-stdlib beside the repo).")
+        files = ", ".join(f"{s}.parquet" for s in missing)
+        raise FileNotFoundError(f"{data_dir} lacks {files}: pass --data_dir, a folder holding the python-stdlib "
+                                "corpus (../shared/data/python-stdlib beside the repository).")
     corpus = load_dataset("parquet", data_files={s: str(data_dir / f"{s}.parquet") for s in SPLITS})
-
-    def strided(ds: Dataset, rows: int | None) -> Dataset:
-        return ds if rows is None or rows >= len(ds) else ds.select(range(0, len(ds), len(ds) // rows)[:rows])
-
     return DatasetDict({s: strided(corpus[s], sizes.train_rows if s == "train" else sizes.eval_rows) for s in SPLITS})
 
 
@@ -155,8 +163,9 @@ def cached_parent(folder: Path, sizes: LMSizes, tokenizer: PreTrainedTokenizerFa
     The folder appears only once complete (written under a temporary name, then renamed)."""
     info_path = folder / "parent_info.json"
     if not info_path.is_file():
+        tmp = folder.with_name(folder.name + ".tmp")
         trainer = Trainer(new_model(parent_config(sizes, tokenizer), seed=0),
-                          lm_args(output_dir=str(folder.with_name(folder.name + "-run")), seed=0,
+                          lm_args(output_dir=str(tmp), seed=0,
                                   max_steps=sizes.parent_steps, per_device_train_batch_size=sizes.batch_size,
                                   learning_rate=sizes.lr, logging_steps=max(1, sizes.parent_steps // 10)),
                           train_dataset=data["train"], data_collator=default_data_collator, processing_class=tokenizer)
@@ -167,8 +176,7 @@ def cached_parent(folder: Path, sizes: LMSizes, tokenizer: PreTrainedTokenizerFa
                 "validation_perplexity": perplexity(trainer.evaluate(data["validation"])),
                 "test_perplexity": perplexity(trainer.evaluate(data["test"], metric_key_prefix="test"), "test"),
                 "sizes": asdict(sizes)}
-        tmp = folder.with_name(folder.name + ".tmp")
-        trainer.save_model(str(tmp))
+        trainer.save_model()
         (tmp / "parent_info.json").write_text(json.dumps(info, indent=2) + "\n")
         os.replace(tmp, folder)
     return AutoModelForCausalLM.from_pretrained(folder), json.loads(info_path.read_text())
