@@ -46,7 +46,9 @@ from common import (  # noqa: E402
     CifarTensors,
     atomic_write_json,
     atomic_write_text,
+    commands_line,
     decoded_split,
+    load_results,
     load_pretrained,
     recipe_args,
     prepare,
@@ -85,18 +87,6 @@ def recipe(settings: dict[str, Any], bf16: bool) -> dict[str, Any]:
         augmentation=f"random_crop_flip pad {PADDING}", normalisation="ImageNet mean/std",
         child_init=CHECKPOINTS["resnet20"], parent_init=CHECKPOINTS["resnet56"],
     )
-
-
-def load_results(path: Path, rec: dict[str, Any]) -> dict[str, Any]:
-    if not path.exists():
-        return {"recipe": rec, "runs": {}, "reference": {}, "commands": []}
-    results = json.loads(path.read_text())
-    if results["recipe"] != rec:
-        raise SystemExit(
-            f"{path} holds runs of another recipe:\n  stored:    {results['recipe']}\n  requested: {rec}\n"
-            "Resume with the same options, or pass --out to a new folder."
-        )
-    return results
 
 
 def trainer_for(method: str, model, args_dir: Path, seed: int, rec: dict[str, Any], train_ds, parent) -> Trainer:
@@ -248,11 +238,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"{rec['augmentation']}, {rec['normalisation']}, {'bf16 autocast' if rec['bf16'] else 'fp32'} training; "
         f"final accuracy in fp32 on {test} test images, measured once after the last step.",
         "",
-        "Commands: " + "; ".join(
-            f"`{c['argv']}` ({c['started']}, "
-            + (f"{c['wall_s'] / 60:.0f} min" if "wall_s" in c else "not finished: running or interrupted") + ")"
-            for c in results["commands"]
-        ),
+        commands_line(results["commands"]),
     ]
     return "\n".join(lines)
 

@@ -66,6 +66,30 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def load_results(path: Path, rec: dict[str, Any]) -> dict[str, Any]:
+    """A benchmark's results file (recipe, finished runs, reference models, commands), or a new one; a file of
+    another recipe is refused, so runs of different recipes never share a table."""
+    if not path.exists():
+        return {"recipe": rec, "runs": {}, "reference": {}, "commands": []}
+    results = json.loads(path.read_text())
+    if results["recipe"] != rec:
+        raise SystemExit(
+            f"{path} holds runs of another recipe:\n  stored:    {results['recipe']}\n  requested: {rec}\n"
+            "Resume with the same options, or pass --out to a new folder."
+        )
+    return results
+
+
+def commands_line(commands: list[dict[str, Any]]) -> str:
+    """The Markdown line listing a benchmark's invocations with their wall time, and the total of the finished ones."""
+    finished = sum(c.get("wall_s", 0.0) for c in commands)
+    return "Commands: " + "; ".join(
+        f"`{c['argv']}` ({c['started']}, "
+        + (f"{c['wall_s'] / 60:.1f} min" if "wall_s" in c else "not finished: running or interrupted") + ")"
+        for c in commands
+    ) + f". Wall time of the finished invocations: {finished / 60:.1f} min."
+
+
 def decoded_split(split: str, rows: int | None = None, cache: Path = CACHE) -> tuple[np.ndarray, np.ndarray]:
     """Images [N, 32, 32, 3] uint8 and labels [N] of a shared CIFAR-10 split (a strided subset of `rows`), decoded
     from JPEG once and cached as .npz."""

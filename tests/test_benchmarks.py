@@ -19,7 +19,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 from common import CifarTensors, normalise  # noqa: E402
-from helpers import needs_shared  # noqa: E402
+from helpers import needs_shared, one_torch_thread  # noqa: E402
 
 from hkt_hf.models import cifar_image_processor  # noqa: E402
 
@@ -83,3 +83,41 @@ def test_cifar10_quick_writes_resumable_results(tmp_path):
     again = run_script(script, "--quick", "--out", str(tmp_path))
     assert "skip child/seed0" in again and "skip hkt/seed0" in again
     assert json.loads((tmp_path / "cifar10.json").read_text())["runs"] == results["runs"]
+
+
+LM_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "python-stdlib"
+
+
+@pytest.mark.skipif(not (LM_CORPUS / "train.parquet").is_file(),
+                    reason=f"needs the python-stdlib corpus in ../shared ({LM_CORPUS}), absent here")
+def test_language_model_quick_writes_resumable_results(tmp_path, capsys):
+    """In-process and four of the methods (plain, KD, two carriers, a trainable gate), to stay under a minute on a
+    busy 2-core machine; the re-run skips the finished runs."""
+    import language_model
+
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    methods = ["child", "kd", "hkt-layers", "hkt-learned"]
+    with one_torch_thread():
+        language_model.main(["--quick", "--out", str(out), "--cache", str(cache), "--methods", *methods])
+    results = json.loads((out / "language_model.json").read_text())
+    assert set(results["runs"]) == {f"{m}/seed0" for m in methods}
+    for run in results["runs"].values():
+        assert math.isfinite(run["test_perplexity"]) and run["test_perplexity"] > 1 and run["train_s"] > 0
+        assert len(run["validation_curve"]) == results["recipe"]["steps"] // results["recipe"]["eval_every"]
+        assert bool(run["gates"]) == run["method"].startswith("hkt")
+    gates = results["runs"]["hkt-learned/seed0"]["gates"]["lm_head:input=lm_head:input"]
+    assert 0.0 <= gates["gate_mean"][-1][1] <= 1.0 and gates["mix_weight_mean"][-1][1] >= 0.0
+    assert set(results["runs"]["hkt-layers/seed0"]["gates"]) == {"model.layers.2=model.layers.0"}
+    assert results["reference"]["parent"]["test_perplexity"] > 1
+    assert "| 1 |" in (out / "language_model.md").read_text()
+    assert (out / "language_model.png").stat().st_size > 0
+    best = cache / "best-child-results"
+    assert (best / "config.json").is_file() and (best / "README.md").is_file()
+    assert "hkt-parent" in (Path(results["reference"]["parent"]["folder"]) / "README.md").read_text()
+
+    capsys.readouterr()
+    with one_torch_thread():
+        language_model.main(["--quick", "--out", str(out), "--cache", str(cache), "--methods", "child", "kd"])
+    again = capsys.readouterr().out
+    assert "skip child/seed0" in again and "skip kd/seed0" in again
+    assert json.loads((out / "language_model.json").read_text())["runs"] == results["runs"]

@@ -53,10 +53,6 @@ COMMON_ARGS = [
     "--per_device_eval_batch_size", "4", "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--seed", "0",
     "--logging_steps", "1",
 ]
-# `--hkt_carriers auto` (the default) does not yet find the `lm_head` of causal LMs and T5 in this checkout
-# ("Cannot find the classification head"); until it does, the LM runs name the carrier it will resolve to.
-# Once auto covers them, set LM_CARRIERS = [] so these runs use the default, as the scripts' users do.
-LM_CARRIERS = ["--hkt_carriers", "lm_head:input=lm_head:input"]
 
 
 def sentences(n: int, seed: int, length: tuple[int, int] = (4, 9)) -> list[str]:
@@ -132,7 +128,7 @@ def test_run_clm(tmp_path, monkeypatch, gpt2_folders):
     (tmp_path / "valid.txt").write_text("\n".join(sentences(16, seed=3)) + "\n")
     out = tmp_path / "out"
     run_script("run_clm.py", [
-        "--model_name_or_path", child, "--hkt_parent", parent, *LM_CARRIERS,
+        "--model_name_or_path", child, "--hkt_parent", parent,
         "--train_file", str(tmp_path / "train.txt"), "--validation_file", str(tmp_path / "valid.txt"),
         "--block_size", "16", "--output_dir", str(out),
     ], monkeypatch)
@@ -262,7 +258,7 @@ def test_run_summarization(tmp_path, monkeypatch, t5_folders):
         write_json_lines(tmp_path / name, rows)
     out = tmp_path / "out"
     run_script("run_summarization.py", [
-        "--model_name_or_path", child, "--hkt_parent", parent, *LM_CARRIERS,
+        "--model_name_or_path", child, "--hkt_parent", parent,
         "--train_file", str(tmp_path / "train.json"), "--validation_file", str(tmp_path / "valid.json"),
         "--text_column", "document", "--summary_column", "headline", "--source_prefix", "summarize: ",
         "--max_source_length", "32", "--max_target_length", "8", "--predict_with_generate", "--output_dir", str(out),
