@@ -23,7 +23,8 @@ between forward and backward: the bytes of the distinct tensor storages autograd
 (`torch.autograd.graph.saved_tensors_hooks`), parameters excluded. Transient buffers freed within a forward (such as
 a no-grad parent's activations, one layer at a time) are not in it.
 
-`--quick` uses batch 16 and 5 step repeats: a quick run of the same code, noisier than the full one.
+`--quick` uses batch 16, 3 step repeats and 10 latency repeats: a quick run of the same code, noisier than the full
+one.
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ def run(quick: bool, bf16: bool, threads: int | None) -> dict[str, Any]:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     batch_size, n_batches, repeats, warmup, phase_repeats, latency_repeats = (
-        (16, 2, 5, 1, 1, 40) if quick else (BATCH_SIZE, 4, 15, 2, 3, 40)
+        (16, 2, 3, 1, 1, 10) if quick else (BATCH_SIZE, 4, 15, 2, 3, 40)
     )
     images, labels = decoded_split("train", rows=n_batches * BATCH_SIZE)
     loader = DataLoader(CifarTensors(images, labels, train=True), batch_size=batch_size, shuffle=True,
