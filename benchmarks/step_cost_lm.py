@@ -235,7 +235,8 @@ def run(sizes: Sizes, threads: int | None) -> dict[str, Any]:
     step_s = {name: median(t) for name, t in times.items()}
     ratio = lambda name: step_s[name] / step_s[PEER] if name in step_s else None  # noqa: E731
     result: dict[str, Any] = {key: ratio(name) for key, name in RATIO_KEYS.items()}
-    result["saved_mib_hkt_lm_over_peer"] = (saved["hkt_lm_head"][0] / saved[PEER][0]) if "hkt_lm_head" in saved else None
+    hkt_saved = saved.get("hkt_lm_head")
+    result["saved_mib_hkt_lm_over_peer"] = hkt_saved[0] / saved[PEER][0] if hkt_saved else None
     result.update({
         "step_s": step_s,
         "saved_mib": {name: b / MIB for name, (b, _) in saved.items()},
