@@ -174,6 +174,12 @@ def timed(fn: Callable[[], Any]) -> float:
 Batch = dict[str, torch.Tensor]
 Step = Callable[[Batch], None]
 MIB = 2.0**20
+_STARTED = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """A timestamped stage line, flushed, so a long run on a busy machine shows where it is."""
+    print(f"[{time.perf_counter() - _STARTED:7.1f} s] {message}", flush=True)
 
 
 def peer_missing(package: str, error: ImportError) -> SystemExit:
@@ -284,6 +290,7 @@ class PhaseTimer:
 
 
 REST = "backward, loss terms, gates, rest"
+PHASE_ORDER = ("parent forward", "child forward", "head replay", "optimizer step", REST)
 
 
 def phase_breakdown(
@@ -306,7 +313,8 @@ def phase_breakdown(
 
 
 def breakdown_table(breakdown: dict[str, dict[str, Any]]) -> str:
-    phases = sorted({p for b in breakdown.values() for p in b["seconds"]} - {REST}) + [REST]
+    seen = {p for b in breakdown.values() for p in b["seconds"]}
+    phases = [p for p in PHASE_ORDER if p in seen] + sorted(seen - set(PHASE_ORDER))
     rows = ["| method | step (s) | " + " | ".join(phases) + " |", "|---|---|" + "---|" * len(phases)]
     for name, b in breakdown.items():
         cells = []

@@ -63,6 +63,7 @@ from common import (  # noqa: E402
     peer_missing,
     phase_breakdown,
     prepare,
+    progress,
     recipe_args,
     saved_for_backward,
     trainer_step,
@@ -221,10 +222,13 @@ def run(quick: bool, bf16: bool, threads: int | None) -> dict[str, Any]:
         methods = Methods(Path(tmp), bf16)
         kd_check = methods.kd_losses(batches[0])
         print(f"KD loss on one batch: torchdistill {kd_check['torchdistill']:.6f}, hkt-hf {kd_check['hkt_hf']:.6f}")
+        progress(f"warm-up ({warmup} rounds), saved-for-backward, then {repeats} timed rounds")
         measure(methods.steps, batches, warmup)
         saved = {name: saved_for_backward(step, batches[0], methods.params)[0] for name, step in methods.steps.items()}
         times = measure(methods.steps, batches, repeats)
+        progress("phase breakdown")
         breakdown = phase_breakdown(methods.steps, methods.phases, batches, phase_repeats)
+        progress("export and inference latency")
 
         methods.hkt.save_model(str(Path(tmp) / "exported"))
         exported = AutoModelForImageClassification.from_pretrained(str(Path(tmp) / "exported"))

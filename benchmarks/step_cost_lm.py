@@ -61,6 +61,7 @@ from common import (  # noqa: E402
     parameter_storages,
     peer_missing,
     phase_breakdown,
+    progress,
     recipe_args,
     saved_for_backward,
     trainer_step,
@@ -225,11 +226,13 @@ def run(sizes: Sizes, threads: int | None) -> dict[str, Any]:
         phases = {name: lm_phases(t.model, parents[name]) if parents[name] is not None
                   else {"child forward": [t.model, t.model.model]} for name, t in trainers.items()}
 
+        progress(f"first step of each method, saved-for-backward, then {sizes.repeats} timed rounds")
         errors = first_steps(steps, batches[0])
         params = parameter_storages(*(t.model for t in trainers.values()), *filter(None, parents.values()))
         saved = {name: saved_for_backward(step, batches[0], params, last_dim=sizes.vocab)
                  for name, step in steps.items()}
         times = measure(steps, batches, sizes.repeats)
+        progress("phase breakdown")
         breakdown = phase_breakdown(steps, phases, batches, sizes.phase_repeats)
 
     step_s = {name: median(t) for name, t in times.items()}
