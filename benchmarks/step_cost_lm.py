@@ -5,7 +5,8 @@ the same fixed-seed random token batches, every method interleaved round-robin o
 medians and time ratios against TRL's `GKDTrainer` step. Both models are randomly initialised: the step's cost does
 not depend on what the weights are.
 
-    python benchmarks/step_cost_lm.py            # full measurement (see the README for sizes and run time)
+    python benchmarks/step_cost_lm.py            # full measurement, sequence 256 (see the README for run time)
+    python benchmarks/step_cost_lm.py --seq 512  # the longer sequence, about twice the time
     python benchmarks/step_cost_lm.py --quick    # smoke run on tiny sizes, about a minute
 
 What runs for each method (all through `training_step` of a transformers `Trainer` subclass, then an SGD step):
@@ -92,7 +93,7 @@ class Sizes:
     phase_repeats: int
 
 
-FULL = Sizes(vocab=32_000, seq=512, batch=4, parent_layers=6, parent_hidden=256, child_layers=2, child_hidden=128,
+FULL = Sizes(vocab=32_000, seq=256, batch=4, parent_layers=6, parent_hidden=256, child_layers=2, child_hidden=128,
              repeats=7, phase_repeats=2)
 QUICK = Sizes(vocab=2_000, seq=64, batch=4, parent_layers=6, parent_hidden=64, child_layers=2, child_hidden=32,
               repeats=3, phase_repeats=1)
