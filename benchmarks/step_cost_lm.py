@@ -276,7 +276,9 @@ def report(result: dict[str, Any]) -> str:
     if missed:
         rows += ["", "Targets missed: " + "; ".join(missed) + ". Where each step's time goes (seconds per step, share; "
                  "TRL's chunked projection and the rest of backward, loss terms, gates and Python are in the last "
-                 "column):", "", breakdown_table(result["phases"])]
+                 "column; TRL runs `chunked`'s whole loss, teacher backbone included, inside the student's forward "
+                 "(`_forward_redirection`), so there it all counts as child forward):", "",
+                 breakdown_table(result["phases"])]
     return "\n".join(rows)
 
 
