@@ -1,31 +1,38 @@
-"""Cost of one training step of HKT against the child alone, classic KD and the reference code's step.
+"""Cost of one training step of HKT against the peer KD library (torchdistill), hkt-hf's own KD, the child alone and
+the reference code's step.
 
-All four methods train a ResNet-20 child (ResNet-56 parent) on the same real CIFAR-10 batches of 128 images,
-interleaved round-robin over the repeats; the table reports medians. Also measures the exported HKT child's
-inference latency against the plain child's, and both parameter counts.
+All five methods train a ResNet-20 child (ResNet-56 parent) on the same real CIFAR-10 batches of 128 images,
+interleaved round-robin over the repeats; the table reports medians and time ratios against torchdistill's KD step.
+Also checks that torchdistill's and hkt-hf's KD losses agree on one batch, breaks each step into phases, and
+measures the exported HKT child's inference latency against the plain child's, and both parameter counts.
 
     python benchmarks/step_cost.py            # full measurement (a few minutes)
     python benchmarks/step_cost.py --quick    # smoke run, under 2 minutes
 
 The last printed line is one JSON object (ratios and raw numbers); `--out FILE` also writes it to FILE.
 
+torchdistill's KD step is its own `DistillationBox` (torchdistill.core.distillation), built from an in-memory
+config dict rather than a YAML file and driven the way its training loop drives it, minus the loop: teacher and
+student forward hooks on `classifier` (its io dicts), `forward_process` (teacher first, under `no_grad` because the
+config freezes it; then the student), `WeightedSumLoss` over one `KDLoss` term (alpha 1, beta 1, T = 4: CE + T^2 KL,
+what hkt-hf's KD computes), and `post_forward_process` (backward, SGD step, zero_grad). Not run: its YAML parsing,
+dataset/data-loader builders, logging and evaluation loop.
+
 Memory: a CPU has no allocator peak counter, so what is measured is the activation memory each method holds
 between forward and backward: the bytes of the distinct tensor storages autograd saves for backward during one step
 (`torch.autograd.graph.saved_tensors_hooks`), parameters excluded. Transient buffers freed within a forward (such as
-a no-grad parent's activations, one layer at a time) are not in it. `peak_mem_hkt_over_kd` is the ratio of these.
+a no-grad parent's activations, one layer at a time) are not in it.
 
-`--quick` uses batch 16 and 5 step repeats: a quick run of the same code, noisier than the full one.
+`--quick` uses batch 16, 3 step repeats and 10 latency repeats: a quick run of the same code, noisier than the full
+one.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import shlex
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,57 +46,68 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     BATCH_SIZE,
     LR,
+    MIB,
     MOMENTUM,
     WEIGHT_DECAY,
+    Batch,
     CifarTensors,
-    atomic_write_json,
-    atomic_write_text,
+    Step,
+    breakdown_table,
     decoded_split,
+    emit,
     load_pretrained,
+    measure,
     median,
-    recipe_args,
-    round_robin,
+    missed_targets,
+    parameter_storages,
+    peer_missing,
+    phase_breakdown,
     prepare,
-    timed,
+    progress,
+    recipe_args,
+    saved_for_backward,
+    trainer_step,
 )
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments  # noqa: E402
 from hkt_hf.data.images import image_collator  # noqa: E402
 from hkt_hf.mixture import GeneticGate  # noqa: E402
-from hkt_hf.objective import kd_loss  # noqa: E402
 
 KD_TEMPERATURE = 4.0
-METHODS = ("child", "kd", "hkt", "reference")
-Step = Callable[[dict[str, torch.Tensor]], None]
+METHODS = ("child", "torchdistill_kd", "hkt_kd", "hkt", "reference")
+PEER = "torchdistill_kd"
+TARGETS = {"hkt_over_peer_kd": 1.0, "hkt_kd_over_peer_kd": 1.0}
 
 
-class KDTrainer(Trainer):
-    """Classic KD at its cheapest, as the cost baseline: parent forward without autograd, child forward/backward,
-    L = CE + T^2 KL at T = 4."""
+def torchdistill_box(child: torch.nn.Module, parent: torch.nn.Module) -> Any:
+    """torchdistill's own DistillationBox for KD (see the module docstring for what of it runs)."""
+    try:
+        from torchdistill.core.distillation import DistillationBox
+    except ImportError as err:
+        raise peer_missing("torchdistill", err) from err
+    hooks = {"forward_hook": {"output": ["classifier"]}, "forward_proc": "forward_batch_only"}
+    kd = {"student_module_path": "classifier", "student_module_io": "output", "teacher_module_path": "classifier",
+          "teacher_module_io": "output", "temperature": KD_TEMPERATURE, "alpha": 1.0, "beta": 1.0,
+          "reduction": "batchmean"}
+    config = {
+        "num_epochs": 1,
+        "teacher": {**hooks, "requires_grad": False},
+        "student": {**hooks, "requires_grad": True},
+        "optimizer": {"key": "SGD", "kwargs": {"lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY}},
+        "criterion": {"key": "WeightedSumLoss",
+                      "kwargs": {"sub_terms": {"kd": {"criterion": {"key": "KDLoss", "kwargs": kd}, "weight": 1.0}}}},
+    }
+    box = DistillationBox(parent.eval(), child, {}, config, torch.device("cpu"), None, False, 1)
+    box.pre_epoch_process(epoch=0)  # student in train mode, io dicts cleared, as at the start of each epoch
+    return box
 
-    def __init__(self, *args: Any, parent: torch.nn.Module, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.parent = parent
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
-        with torch.no_grad():
-            parent_logits = self.parent(pixel_values=inputs["pixel_values"]).logits
-        loss = outputs.loss + kd_loss(outputs.logits, parent_logits, KD_TEMPERATURE)
-        return (loss, outputs) if return_outputs else loss
+def box_step(box: Any) -> Step:
+    """One step as torchdistill's training loop runs it: forward_process, then post_forward_process."""
 
-
-def trainer_step(trainer: Trainer) -> Step:
-    """One optimizer step through `trainer.training_step` (the path `Trainer.train` runs), optimizer made lazily
-    after the first step so that HKT's adapter, built on the first batch, is included."""
-    trainer.current_gradient_accumulation_steps = 1  # set by `Trainer.train`'s loop, read by `training_step`
-
-    def step(batch: dict[str, torch.Tensor]) -> None:
-        trainer.training_step(trainer.model, batch)
-        if trainer.optimizer is None:
-            trainer.create_optimizer()
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
+    def step(batch: Batch) -> None:
+        loss = box.forward_process(batch["pixel_values"], batch["labels"], {})
+        box.post_forward_process(loss=loss)
 
     return step
 
@@ -101,7 +119,7 @@ def reference_step(child: torch.nn.Module, parent: torch.nn.Module, lam: float =
     gate = GeneticGate(lam)
     optimizer = torch.optim.SGD(child.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
-    def step(batch: dict[str, torch.Tensor]) -> None:
+    def step(batch: Batch) -> None:
         child.train()
         x, y = batch["pixel_values"], batch["labels"]
         logits = child(pixel_values=x).logits
@@ -122,88 +140,97 @@ def reference_step(child: torch.nn.Module, parent: torch.nn.Module, lam: float =
     return step
 
 
-def build_methods(out_dir: Path, bf16: bool) -> tuple[dict[str, Step], HKTTrainer]:
-    """Fresh pretrained child and parent copies for every method, so their updates never interact."""
-    child0, parent0 = prepare(load_pretrained("resnet20"), bf16), prepare(load_pretrained("resnet56"), bf16)
-    parent0.requires_grad_(False)
-    fresh = lambda m: copy.deepcopy(m)  # noqa: E731
-    common = dict(seed=0, max_steps=1000, bf16=False)  # with --bf16, autocast wraps each step of every method
-    plain = Trainer(fresh(child0), recipe_args(TrainingArguments, out_dir / "child", **common))
-    kd = KDTrainer(fresh(child0), recipe_args(TrainingArguments, out_dir / "kd", **common), parent=fresh(parent0))
-    hkt = HKTTrainer(fresh(child0), recipe_args(HKTTrainingArguments, out_dir / "hkt", **common),
-                     parent_model=fresh(parent0))
-    steps = {
-        "child": trainer_step(plain),
-        "kd": trainer_step(kd),
-        "hkt": trainer_step(hkt),
-        "reference": reference_step(fresh(child0), fresh(parent0)),
-    }
-    if bf16:
-        steps = {name: with_autocast(step) for name, step in steps.items()}
-    return steps, hkt
+class Methods:
+    """Every method's step on fresh pretrained child and parent copies (their updates never interact), with the
+    modules of each phase for the breakdown and the objects the KD check and the export need."""
+
+    def __init__(self, out_dir: Path, bf16: bool):
+        child0, parent0 = prepare(load_pretrained("resnet20"), bf16), prepare(load_pretrained("resnet56"), bf16)
+        parent0.requires_grad_(False)
+        fresh = copy.deepcopy
+        common = dict(seed=0, max_steps=1000, bf16=False)  # with --bf16, autocast wraps each step of every method
+        plain = Trainer(fresh(child0), recipe_args(TrainingArguments, out_dir / "child", **common))
+        self.box = torchdistill_box(fresh(child0), fresh(parent0))
+        self.hkt_kd = HKTTrainer(
+            fresh(child0), recipe_args(HKTTrainingArguments, out_dir / "hkt_kd", **common, hkt_loss_weights=[1, 0, 0],
+                                       hkt_kd_weight=1.0, hkt_kd_temperature=KD_TEMPERATURE),
+            parent_model=fresh(parent0))
+        self.hkt = HKTTrainer(fresh(child0), recipe_args(HKTTrainingArguments, out_dir / "hkt", **common),
+                              parent_model=fresh(parent0))
+        ref_child, ref_parent = fresh(child0), fresh(parent0)
+        steps = {
+            "child": trainer_step(plain),
+            PEER: box_step(self.box),
+            "hkt_kd": trainer_step(self.hkt_kd),
+            "hkt": trainer_step(self.hkt),
+            "reference": reference_step(ref_child, ref_parent),
+        }
+        self.steps = {name: with_autocast(step) for name, step in steps.items()} if bf16 else steps
+
+        def phases(child: torch.nn.Module, parent: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
+            return {"parent forward": [parent, parent.resnet], "child forward": [child, child.resnet],
+                    "head replay": [child.classifier, parent.classifier]}
+
+        self.phases = {
+            "child": {"child forward": [plain.model]},
+            PEER: phases(self.box.student_model, self.box.teacher_model),
+            "hkt_kd": phases(self.hkt_kd.model, self.hkt_kd.parent_model),
+            "hkt": phases(self.hkt.model, self.hkt.parent_model),
+            "reference": phases(ref_child, ref_parent),
+        }
+        self.params = parameter_storages(self.hkt.model, self.hkt.parent_model)
+
+    @torch.no_grad()
+    def kd_losses(self, batch: Batch) -> dict[str, float]:
+        """torchdistill's and hkt-hf's KD loss (both CE + T^2 KL, T = 4) on one batch, from identical weights, both
+        children in train mode (batch statistics): the two implementations must agree. Printed, not asserted."""
+        peer = self.box.forward_process(batch["pixel_values"], batch["labels"], {})
+        ours = self.hkt_kd.compute_loss(self.hkt_kd.model.train(), dict(batch))
+        return {"torchdistill": peer.item(), "hkt_hf": ours.item()}
 
 
 def with_autocast(step: Step) -> Step:
-    def run(batch: dict[str, torch.Tensor]) -> None:
+    def run(batch: Batch) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             step(batch)
 
     return run
 
 
-def saved_tensor_bytes(step: Step, batch: dict[str, torch.Tensor], params: set[int]) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves for backward during one step."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step(batch)
-    return sum(storages.values())
-
-
-def latency(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Step:
+def latency(model: torch.nn.Module, batch: Batch) -> Step:
     model.eval()
 
-    def run(_: dict[str, torch.Tensor]) -> None:
+    def run(_: Batch) -> None:
         with torch.no_grad():
             model(pixel_values=batch["pixel_values"])
 
     return run
 
 
-def measure(steps: dict[str, Step], batches: list[dict[str, torch.Tensor]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of every step, interleaved round-robin, each round on the same batch for every method."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
-    for i, name in enumerate(round_robin(names, repeats)):
-        batch = batches[(i // len(names)) % len(batches)]
-        times[name].append(timed(lambda: steps[name](batch)))
-    return times
-
-
 def run(quick: bool, bf16: bool, threads: int | None) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    batch_size, n_batches, repeats, warmup, latency_repeats = (16, 2, 5, 1, 40) if quick else (BATCH_SIZE, 4, 15, 2, 40)
+    batch_size, n_batches, repeats, warmup, phase_repeats, latency_repeats = (
+        (16, 2, 3, 1, 1, 10) if quick else (BATCH_SIZE, 4, 15, 2, 3, 40)
+    )
     images, labels = decoded_split("train", rows=n_batches * BATCH_SIZE)
     loader = DataLoader(CifarTensors(images, labels, train=True), batch_size=batch_size, shuffle=True,
                         collate_fn=image_collator())
     batches = list(loader)
     with tempfile.TemporaryDirectory(prefix="hkt-step-cost-") as tmp:
-        steps, hkt_trainer = build_methods(Path(tmp), bf16)
-        measure(steps, batches, warmup)
-        params = {p.untyped_storage().data_ptr() for t in (hkt_trainer.model, hkt_trainer.parent_model)
-                  for p in t.parameters()}
-        saved = {name: saved_tensor_bytes(step, batches[0], params) for name, step in steps.items()}
-        times = measure(steps, batches, repeats)
+        methods = Methods(Path(tmp), bf16)
+        kd_check = methods.kd_losses(batches[0])
+        print(f"KD loss on one batch: torchdistill {kd_check['torchdistill']:.6f}, hkt-hf {kd_check['hkt_hf']:.6f}")
+        progress(f"warm-up ({warmup} rounds), saved-for-backward, then {repeats} timed rounds")
+        measure(methods.steps, batches, warmup)
+        saved = {name: saved_for_backward(step, batches[0], methods.params)[0] for name, step in methods.steps.items()}
+        times = measure(methods.steps, batches, repeats)
+        progress("phase breakdown")
+        breakdown = phase_breakdown(methods.steps, methods.phases, batches, phase_repeats)
+        progress("export and inference latency")
 
-        hkt_trainer.save_model(str(Path(tmp) / "exported"))
+        methods.hkt.save_model(str(Path(tmp) / "exported"))
         exported = AutoModelForImageClassification.from_pretrained(str(Path(tmp) / "exported"))
         plain = load_pretrained("resnet20")
         infer = {"plain_child": latency(plain, batches[0]), "exported_child": latency(exported, batches[0])}
@@ -212,43 +239,53 @@ def run(quick: bool, bf16: bool, threads: int | None) -> dict[str, Any]:
 
     step_s = {name: median(t) for name, t in times.items()}
     infer_s = {name: median(t) for name, t in infer_times.items()}
-    mib = 2.0**20
     return {
-        "hkt_over_kd": step_s["hkt"] / step_s["kd"],
+        "hkt_over_peer_kd": step_s["hkt"] / step_s[PEER],
+        "hkt_kd_over_peer_kd": step_s["hkt_kd"] / step_s[PEER],
         "hkt_over_reference": step_s["hkt"] / step_s["reference"],
         "hkt_over_child": step_s["hkt"] / step_s["child"],
-        "peak_mem_hkt_over_kd": saved["hkt"] / saved["kd"],
+        "saved_hkt_over_peer_kd": saved["hkt"] / saved[PEER],
         "export_latency_ratio": infer_s["exported_child"] / infer_s["plain_child"],
         "params_exported_child": exported.num_parameters(),
         "params_plain_child": plain.num_parameters(),
+        "kd_loss_check": kd_check,
         "step_s": step_s,
-        "saved_mib": {k: v / mib for k, v in saved.items()},
+        "saved_mib": {k: v / MIB for k, v in saved.items()},
+        "phases": breakdown,
         "inference_s": infer_s,
         "settings": {
             "quick": quick, "precision": "bf16 autocast, channels-last" if bf16 else "fp32",
             "batch_size": batch_size, "memory": "saved-for-backward bytes per step, parameters excluded",
-            "repeats": repeats, "latency_repeats": latency_repeats,
+            "repeats": repeats, "phase_repeats": phase_repeats, "latency_repeats": latency_repeats,
             "threads": torch.get_num_threads(), "child": "resnet20", "parent": "resnet56",
             "inference": f"fp32, batch {batch_size}, eval, no_grad",
         },
     }
 
 
-def table(result: dict[str, Any]) -> str:
+def report(result: dict[str, Any]) -> str:
     bs = result["settings"]["batch_size"]
-    rows = [f"| method (batch {bs}) | step (s, median) | x child | saved-for-backward MiB |", "|---|---|---|---|"]
-    child = result["step_s"]["child"]
+    rows = [f"| method (batch {bs}) | step (s, median) | x torchdistill KD | x child | saved-for-backward MiB |",
+            "|---|---|---|---|---|"]
     for name in METHODS:
         s = result["step_s"][name]
-        rows.append(f"| {name} | {s:.3f} | {s / child:.2f} | {result['saved_mib'][name]:.1f} |")
+        rows.append(f"| {name} | {s:.3f} | {s / result['step_s'][PEER]:.2f} | {s / result['step_s']['child']:.2f} "
+                    f"| {result['saved_mib'][name]:.1f} |")
+    check = result["kd_loss_check"]
     inf = result["inference_s"]
     rows += [
+        "",
+        f"KD loss on one batch (same weights): torchdistill {check['torchdistill']:.6f}, hkt-hf {check['hkt_hf']:.6f}.",
         "",
         f"| inference (batch {bs}, fp32) | latency (s, median) | parameters |",
         "|---|---|---|",
         f"| plain child | {inf['plain_child']:.4f} | {result['params_plain_child']:,} |",
         f"| exported HKT child | {inf['exported_child']:.4f} | {result['params_exported_child']:,} |",
     ]
+    missed = missed_targets(result, TARGETS)
+    if missed:
+        rows += ["", "Targets missed: " + "; ".join(missed) + ". Where each step's time goes (seconds per step, share; "
+                 "the rest is backward, loss terms, the gate and Python):", "", breakdown_table(result["phases"])]
     return "\n".join(rows)
 
 
@@ -261,12 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write the result to this .json file and its table to the same name with .md")
     args = parser.parse_args(argv)
     result = run(args.quick, args.bf16, args.threads)
-    result["command"] = shlex.join(["python", "benchmarks/step_cost.py", *(argv if argv is not None else sys.argv[1:])])
-    print(table(result))
-    if args.out is not None:
-        atomic_write_json(args.out, result)
-        atomic_write_text(args.out.with_suffix(".md"), f"# Step cost\n\n`{result['command']}`\n\n{table(result)}\n")
-    print(json.dumps(result, sort_keys=True))
+    emit(result, "step_cost.py", "Step cost", report(result), args.out, argv)
     return 0
 
 

@@ -1,5 +1,8 @@
-"""Smoke tests of the CIFAR-10 benchmarks: both scripts' `--quick` runs end to end on the real shared data, and the
-tensor pipeline they train on matches the package's image processor. Timing ratios are not asserted (noisy CPU).
+"""Smoke tests of the benchmarks: the CIFAR-10 scripts' `--quick` runs end to end on the real shared data, the
+language-model step cost on its smallest sizes, and the tensor pipeline they train on matches the package's image
+processor. Timing ratios are only checked to be positive finite numbers (noisy CPU), never compared to a target.
+The step-cost scripts compare against peer libraries (the `bench` extra, part of `dev`); without them those tests
+are skipped.
 """
 
 from __future__ import annotations
@@ -48,16 +51,42 @@ def test_cifar_tensors_augment_only_the_training_rows(random_image):
         CifarTensors(images, labels[:3], train=True)
 
 
+def positive_finite(result: dict, *keys: str) -> None:
+    for key in keys:
+        assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, (key, result[key])
+
+
 @needs_shared
 def test_step_cost_quick_reports_every_key():
+    pytest.importorskip("torchdistill", reason="step_cost.py compares against torchdistill: pip install -e '.[bench]'")
     last = run_script(str(BENCHMARKS / "step_cost.py"), "--quick").strip().splitlines()[-1]
     result = json.loads(last)
-    for key in ("hkt_over_kd", "hkt_over_reference", "peak_mem_hkt_over_kd", "export_latency_ratio"):
-        assert math.isfinite(result[key]) and result[key] > 0, key
+    positive_finite(result, "hkt_over_peer_kd", "hkt_kd_over_peer_kd", "hkt_over_reference", "saved_hkt_over_peer_kd",
+                    "export_latency_ratio")
     assert result["params_exported_child"] == result["params_plain_child"] > 0
-    assert set(result["step_s"]) == {"child", "kd", "hkt", "reference"}
+    assert set(result["step_s"]) == {"child", "torchdistill_kd", "hkt_kd", "hkt", "reference"}
+    check = result["kd_loss_check"]
+    assert math.isfinite(check["torchdistill"]) and math.isfinite(check["hkt_hf"])
     # The reference step keeps both parent passes' activations for backward: far more than HKT.
     assert result["saved_mib"]["reference"] > 2 * result["saved_mib"]["hkt"]
+
+
+def test_step_cost_lm_quick_reports_every_key(tmp_path):
+    pytest.importorskip("trl", reason="step_cost_lm.py compares against TRL: pip install -e '.[bench]'")
+    out = tmp_path / "lm.json"
+    last = run_script(str(BENCHMARKS / "step_cost_lm.py"), "--quick", "--repeats", "1", "--phase-repeats", "1",
+                      "--out", str(out)).strip().splitlines()[-1]
+    result = json.loads(last)
+    assert json.loads(out.read_text()) == result and out.with_suffix(".md").exists()
+    methods = {"child", "gkd", "chunked", "hkt_kd", "hkt_lm_head", "hkt_layer"}
+    assert set(result["step_s"]) | set(result["errors"]) == methods
+    keys = ("hkt_lm_over_peer", "hkt_kd_lm_over_peer", "saved_mib_hkt_lm_over_peer", "hkt_layer_lm_over_peer",
+            "chunked_over_peer")
+    assert set(keys) <= set(result)
+    positive_finite(result, *keys)
+    assert result["errors"] == {}
+    # GKD keeps full [batch, seq, vocab] tensors for backward; TRL's chunked loss recomputes its tiles instead.
+    assert result["saved_vocab_tensors"]["gkd"] >= 1 and result["saved_vocab_tensors"]["chunked"] == 0
 
 
 @needs_shared

@@ -1,0 +1,304 @@
+"""Cost of one training step of HKT on a causal language model against TRL's distillation trainers.
+
+A Llama-style parent (6 layers x 256 hidden by default) and child (2 x 128), shared vocabulary of 32,000, trained on
+the same fixed-seed random token batches, every method interleaved round-robin over the repeats; the table reports
+medians and time ratios against TRL's `GKDTrainer` step. Both models are randomly initialised: the step's cost does
+not depend on what the weights are.
+
+    python benchmarks/step_cost_lm.py            # full measurement, sequence 256 (see the README for run time)
+    python benchmarks/step_cost_lm.py --seq 512  # the longer sequence, about twice the time
+    python benchmarks/step_cost_lm.py --quick    # smoke run on tiny sizes, about a minute
+
+What runs for each method (all through `training_step` of a transformers `Trainer` subclass, then an SGD step):
+
+- `child`: plain `Trainer`, the child's own next-token cross-entropy.
+- `gkd`: TRL's `GKDTrainer` with `lmbda=0` (never generates: `training_step` draws `random() <= 0`) and `beta=0`
+  (forward KL(teacher || student) per token), its own `compute_loss`: student forward, teacher forward under no_grad,
+  full [batch, seq, vocab] log-softmaxes of both. Built with a stand-in tokenizer and the default collator, so none of
+  its dataset preprocessing runs.
+- `chunked`: TRL's `DistillationTrainer` (`beta=0`, T = 1), its own `compute_loss`, which runs both backbones and the
+  chunked divergence (`ChunkedDivergenceFunction`: the lm_head projection and the KL on [tokens, vocab] tiles,
+  recomputed in backward, never keeping the full logits). Its `_prepare_inputs` (on-policy generation) is replaced by
+  the plain `Trainer` one; the batch is given as a one-token prompt and the rest of the sequence as completion.
+- `hkt_kd`: `HKTTrainer`, loss weights 1 0 0, KD weight 1, T = 1, carrier `lm_head:input=lm_head:input`.
+- `hkt_lm_head`: `HKTTrainer`, reference settings (weights 1 1 1, genetic gate, no KD), carrier
+  `lm_head:input=lm_head:input` (hidden 256 -> 128 through a trained aligner).
+- `hkt_layer`: the same with a decoder-layer carrier, `model.layers.5=model.layers.1` (last layer of each).
+
+If an hkt-hf method fails on its first step, its error is recorded in the output (`errors`) and the others go on.
+Memory: the bytes of the distinct non-parameter storages autograd saves for backward during one step, and how many of
+them are vocabulary-sized (saved as a tensor whose last dimension is the vocabulary).
+
+The last printed line is one JSON object (ratios and raw numbers); `--out FILE` also writes it to FILE (+ `.md`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
+from transformers.data.data_collator import default_data_collator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    MIB,
+    Batch,
+    Step,
+    breakdown_table,
+    emit,
+    measure,
+    median,
+    missed_targets,
+    parameter_storages,
+    peer_missing,
+    phase_breakdown,
+    progress,
+    recipe_args,
+    saved_for_backward,
+    trainer_step,
+)
+
+from hkt_hf import HKTTrainer, HKTTrainingArguments  # noqa: E402
+
+PEER = "gkd"
+HKT_METHODS = ("hkt_kd", "hkt_lm_head", "hkt_layer")
+METHODS = ("child", PEER, "chunked", *HKT_METHODS)
+LM_HEAD_CARRIER = "lm_head:input=lm_head:input"
+RATIO_KEYS = {"hkt_lm_over_peer": "hkt_lm_head", "hkt_kd_lm_over_peer": "hkt_kd", "hkt_layer_lm_over_peer": "hkt_layer",
+              "chunked_over_peer": "chunked"}
+TARGETS = {"hkt_lm_over_peer": 1.0, "hkt_kd_lm_over_peer": 1.0, "hkt_layer_lm_over_peer": 1.0,
+           "saved_mib_hkt_lm_over_peer": 0.5}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    vocab: int
+    seq: int
+    batch: int
+    parent_layers: int
+    parent_hidden: int
+    child_layers: int
+    child_hidden: int
+    repeats: int
+    phase_repeats: int
+
+
+FULL = Sizes(vocab=32_000, seq=256, batch=4, parent_layers=6, parent_hidden=256, child_layers=2, child_hidden=128,
+             repeats=7, phase_repeats=2)
+QUICK = Sizes(vocab=2_000, seq=64, batch=4, parent_layers=6, parent_hidden=64, child_layers=2, child_hidden=32,
+              repeats=3, phase_repeats=1)
+
+
+def llama(layers: int, hidden: int, sizes: Sizes) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=sizes.vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
+        max_position_embeddings=sizes.seq, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+    )
+    return LlamaForCausalLM(config)
+
+
+def stand_in_tokenizer() -> PreTrainedTokenizerFast:
+    """TRL's trainers need a tokenizer object (pad and eos ids); nothing is ever tokenized with it."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
+                                   pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def token_batches(sizes: Sizes, count: int) -> list[Batch]:
+    """Fixed-seed random tokens (ids 3.. so none is pad or eos), every position trained on."""
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(3, sizes.vocab, (sizes.batch, sizes.seq), generator=generator)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return batches
+
+
+def as_prompt_completion(batch: Batch) -> Batch:
+    """The batch in DistillationTrainer's layout: a one-token prompt, the rest as completion (the same next-token
+    positions GKD trains on)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    return {"prompt_ids": ids[:, :1], "prompt_mask": mask[:, :1], "completion_ids": ids[:, 1:],
+            "completion_mask": mask[:, 1:]}
+
+
+def peer_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Sizes, batch: Batch
+                  ) -> dict[str, Trainer]:
+    """GKD and the chunked DistillationTrainer on copies of the models. SFTTrainer (GKD's base) insists on a
+    training set: it gets the rows of `batch`, never read since steps are driven directly."""
+    try:
+        from trl import DistillationConfig, DistillationTrainer
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError as err:
+        raise peer_missing("trl", err) from err
+
+    class NoGenerationDistillation(DistillationTrainer):
+        """DistillationTrainer on given completions: the plain Trainer input preparation instead of generation."""
+
+        def _prepare_inputs(self, inputs: Batch) -> Batch:
+            return Trainer._prepare_inputs(self, inputs)
+
+    tokenizer = stand_in_tokenizer()
+    rows = Dataset.from_dict({key: value.tolist() for key, value in batch.items()})
+    common = dict(seed=0, max_steps=1000, bf16=False, batch_size=sizes.batch)
+    gkd = GKDTrainer(
+        model=copy.deepcopy(child), teacher_model=copy.deepcopy(parent), processing_class=tokenizer,
+        args=recipe_args(GKDConfig, out_dir / "gkd", **common, lmbda=0.0, beta=0.0, max_length=sizes.seq),
+        data_collator=default_data_collator, train_dataset=rows,
+    )
+    chunked = NoGenerationDistillation(
+        model=copy.deepcopy(child), teacher_model=copy.deepcopy(parent), processing_class=tokenizer,
+        args=recipe_args(DistillationConfig, out_dir / "chunked", **common, beta=0.0, temperature=1.0),
+    )
+    return {PEER: gkd, "chunked": chunked}
+
+
+def hkt_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Sizes) -> dict[str, HKTTrainer]:
+    layer_carrier = f"model.layers.{sizes.parent_layers - 1}=model.layers.{sizes.child_layers - 1}"
+    settings = {
+        "hkt_kd": dict(hkt_carriers=[LM_HEAD_CARRIER], hkt_loss_weights=[1, 0, 0], hkt_kd_weight=1.0,
+                       hkt_kd_temperature=1.0),
+        "hkt_lm_head": dict(hkt_carriers=[LM_HEAD_CARRIER]),
+        "hkt_layer": dict(hkt_carriers=[layer_carrier]),
+    }
+    return {
+        name: HKTTrainer(copy.deepcopy(child), recipe_args(HKTTrainingArguments, out_dir / name, seed=0, max_steps=1000,
+                                                           bf16=False, batch_size=sizes.batch, **extra),
+                         parent_model=copy.deepcopy(parent))
+        for name, extra in settings.items()
+    }
+
+
+def lm_phases(child: nn.Module, parent: nn.Module) -> dict[str, list[nn.Module]]:
+    """The modules timed per phase: whole models or their backbones (TRL's chunked path calls the backbone
+    directly), and the heads when called on their own (head replays)."""
+    return {"parent forward": [parent, parent.model], "child forward": [child, child.model],
+            "head replay": [child.lm_head, parent.lm_head]}
+
+
+def first_steps(steps: dict[str, Step], batch: Batch) -> dict[str, str]:
+    """Run every method once (a warm-up); an hkt-hf method that fails is dropped and its error returned, so the
+    others are still measured. A peer's failure is not caught."""
+    errors = {}
+    for name in list(steps):
+        try:
+            steps[name](batch)
+        except Exception as err:  # noqa: BLE001 - recorded in the output, by design
+            if name not in HKT_METHODS:
+                raise
+            errors[name] = f"{type(err).__name__}: {err}"
+            print(f"{name} failed on its first step and is left out: {errors[name]}")
+            del steps[name]
+    return errors
+
+
+def run(sizes: Sizes, threads: int | None) -> dict[str, Any]:
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    parent0 = llama(sizes.parent_layers, sizes.parent_hidden, sizes).requires_grad_(False)
+    child0 = llama(sizes.child_layers, sizes.child_hidden, sizes)
+    batches = token_batches(sizes, 2)
+    with tempfile.TemporaryDirectory(prefix="hkt-step-cost-lm-") as tmp:
+        plain = Trainer(copy.deepcopy(child0), recipe_args(TrainingArguments, Path(tmp) / "child", seed=0,
+                                                          max_steps=1000, bf16=False, batch_size=sizes.batch))
+        peers = peer_trainers(child0, parent0, Path(tmp), sizes, batches[0])
+        ours = hkt_trainers(child0, parent0, Path(tmp), sizes)
+        trainers: dict[str, Trainer] = {"child": plain, **peers, **ours}
+        steps = {name: trainer_step(trainer) for name, trainer in trainers.items()}
+        chunked_step = steps["chunked"]
+        steps["chunked"] = lambda batch: chunked_step(as_prompt_completion(batch))
+        parents = {name: getattr(t, "teacher_model", None) or getattr(t, "parent_model", None)
+                   for name, t in trainers.items()}
+        phases = {name: lm_phases(t.model, parents[name]) if parents[name] is not None
+                  else {"child forward": [t.model, t.model.model]} for name, t in trainers.items()}
+
+        progress(f"first step of each method, saved-for-backward, then {sizes.repeats} timed rounds")
+        errors = first_steps(steps, batches[0])
+        params = parameter_storages(*(t.model for t in trainers.values()), *filter(None, parents.values()))
+        saved = {name: saved_for_backward(step, batches[0], params, last_dim=sizes.vocab)
+                 for name, step in steps.items()}
+        times = measure(steps, batches, sizes.repeats)
+        progress("phase breakdown")
+        breakdown = phase_breakdown(steps, phases, batches, sizes.phase_repeats)
+
+    step_s = {name: median(t) for name, t in times.items()}
+    ratio = lambda name: step_s[name] / step_s[PEER] if name in step_s else None  # noqa: E731
+    result: dict[str, Any] = {key: ratio(name) for key, name in RATIO_KEYS.items()}
+    hkt_saved = saved.get("hkt_lm_head")
+    result["saved_mib_hkt_lm_over_peer"] = hkt_saved[0] / saved[PEER][0] if hkt_saved else None
+    result.update({
+        "step_s": step_s,
+        "saved_mib": {name: b / MIB for name, (b, _) in saved.items()},
+        "saved_vocab_tensors": {name: n for name, (_, n) in saved.items()},
+        "phases": breakdown,
+        "errors": errors,
+        "settings": {**asdict(sizes), "threads": torch.get_num_threads(), "precision": "fp32",
+                     "memory": "saved-for-backward bytes per step, parameters excluded",
+                     "data": "fixed-seed random tokens, every position trained on"},
+    })
+    return result
+
+
+def report(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    shape = f"batch {s['batch']} x seq {s['seq']} x vocab {s['vocab']:,}"
+    rows = [
+        f"Parent {s['parent_layers']} x {s['parent_hidden']}, child {s['child_layers']} x {s['child_hidden']}, "
+        f"{shape}, fp32, {s['repeats']} interleaved repeats, {s['threads']} threads.",
+        "",
+        "| method | step (s, median) | x GKD | saved-for-backward MiB | x GKD | vocab-sized tensors saved |",
+        "|---|---|---|---|---|---|",
+    ]
+    peer_s, peer_mib = result["step_s"][PEER], result["saved_mib"][PEER]
+    for name in METHODS:
+        if name in result["errors"]:
+            rows.append(f"| {name} | failed: {result['errors'][name]} | | | | |")
+            continue
+        t, mib = result["step_s"][name], result["saved_mib"][name]
+        rows.append(f"| {name} | {t:.3f} | {t / peer_s:.2f} | {mib:.1f} | {mib / peer_mib:.2f} | "
+                    f"{result['saved_vocab_tensors'][name]} |")
+    missed = missed_targets(result, TARGETS)
+    if missed:
+        rows += ["", "Targets missed: " + "; ".join(missed) + ". Where each step's time goes (seconds per step, share; "
+                 "TRL's chunked projection and the rest of backward, loss terms, gates and Python are in the last "
+                 "column; TRL runs `chunked`'s whole loss, teacher backbone included, inside the student's forward "
+                 "(`_forward_redirection`), so there it all counts as child forward):", "",
+                 breakdown_table(result["phases"])]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke run")
+    for field, value in asdict(FULL).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=None,
+                            help=f"default {value} (quick: {getattr(QUICK, field)})")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the result to this .json file and its table to the same name with .md")
+    args = parser.parse_args(argv)
+    base = QUICK if args.quick else FULL
+    sizes = Sizes(**{f: getattr(args, f) if getattr(args, f) is not None else v for f, v in asdict(base).items()})
+    result = run(sizes, args.threads)
+    result["settings"]["quick"] = args.quick
+    emit(result, "step_cost_lm.py", "Step cost, language model", report(result), args.out, argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
