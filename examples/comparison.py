@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, Trainer
 
-from hkt_hf.objective import kd_loss, model_inputs, prediction
+from hkt_hf.losses import kd_loss
+from hkt_hf.objective import model_inputs, prediction
 
 
 class KDTrainer(Trainer):

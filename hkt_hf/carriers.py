@@ -28,11 +28,6 @@ class CarrierPair:
     def __str__(self) -> str:
         return f"{self.parent}={self.child}"
 
-    @property
-    def name(self) -> str:
-        """Short name used in logs: the child side."""
-        return str(self.child)
-
 
 def _module_name(model: nn.Module, module: nn.Module) -> str | None:
     return next((name for name, m in model.named_modules() if m is module), None)

@@ -154,7 +154,3 @@ class FeatureExtractor:
             handle.remove()
         self._handles.clear()
         torch.set_grad_enabled(self._grad_mode)
-
-    def clear(self) -> None:
-        """Drop captured tensors (and the graphs they hold)."""
-        self.features = {}

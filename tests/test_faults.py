@@ -165,6 +165,15 @@ def test_a_parent_with_a_nan_weight_is_named_before_training(tmp_path):
         trainer.train()
 
 
+def test_a_nan_parent_feature_is_blamed_on_the_parent(tmp_path):
+    parent = H.tiny_resnet(16, seed=1)
+    nan = NaNParentAt(parent.resnet.pooler, {2})
+    trainer = resnet_trainer(tmp_path, parent=parent, callbacks=[nan])
+    with pytest.raises(NonFiniteLossError, match=r"Step 2: .*the PARENT's feature of carrier 'classifier:input"):
+        trainer.train()
+    nan.handle.remove()
+
+
 # ---- the user's parent object ---------------------------------------------------------------------------------
 
 

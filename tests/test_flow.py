@@ -20,7 +20,7 @@ from hkt_hf.data.optical_flow import KnownWarpFlow
 from hkt_hf.metrics import evaluate_flow
 from hkt_hf.models import RaftConfig, RaftForOpticalFlow
 from hkt_hf.models.raft import OpticalFlowOutput, sequence_loss
-from hkt_hf.objective import kd_loss
+from hkt_hf.losses import kd_loss
 
 TWO = ["raft.feature_encoder=raft.feature_encoder", "raft.context_encoder=raft.context_encoder"]
 THREE = [*TWO, "raft.feature_encoder.layer2=raft.feature_encoder.layer2"]

@@ -248,7 +248,7 @@ def test_lora_child_takes_carriers_by_base_model_names(tmp_path, lm_data):
 
 def test_chunked_lm_head_loss_equals_unchunked():
     """The replayed LM head in chunks of positions (recomputed in backward) gives the loss and gradients of one go."""
-    from hkt_hf.objective import token_loss
+    from hkt_hf.losses import token_loss
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, VOCAB)
