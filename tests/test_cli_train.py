@@ -56,7 +56,7 @@ def test_train_saves_an_evaluated_plain_child(trained, capsys, resnet20_dir, tin
             "eval_results.json"} <= names
     lineage = read_lineage(out_dir / "hkt_config.json")
     assert lineage["hkt_parent"] == str(resnet20_dir) and lineage["hkt_lambda"] == 0.5
-    assert lineage.child_architecture == "CifarResNetForImageClassification"
+    assert lineage["child_architecture"] == "CifarResNetForImageClassification"
     # The reported top-1 is that of the saved child on the same 32 strided test rows.
     results = json.loads((out_dir / "eval_results.json").read_text())
     child = AutoModelForImageClassification.from_pretrained(out_dir)
