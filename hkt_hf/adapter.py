@@ -16,18 +16,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .carriers import CarrierPair
-from .mixture import GateOutput, build_gate
 from .extraction import base_of
-from .transfer import build_aligner, feature_kind
+from .mixture import build_gate
+from .transfer import build_aligner, feature_channels
 
 ADAPTER_NAME = "hkt_adapter"
 ADAPTER_WEIGHTS_NAME = "hkt_adapter.safetensors"
-
-
-def channels(shape: tuple[int, ...]) -> int:
-    """Channel count the gate is computed over: C for vectors and maps, D for tokens."""
-    feature_kind(shape)
-    return shape[0] if len(shape) == 3 else shape[-1]
 
 
 class HKTAdapter(nn.Module):
@@ -50,12 +44,7 @@ class HKTAdapter(nn.Module):
             build_aligner(cs, ps, f"carrier '{c}' (child -> parent)")
             for c, ps, cs in zip(carriers, parent_shapes, child_shapes)
         )
-        self.gates = nn.ModuleList(build_gate(gate, channels(cs), lam) for cs in child_shapes)
-
-    def mix(self, index: int, q: torch.Tensor, parent_feature: torch.Tensor) -> GateOutput:
-        """m for carrier `index` from the child feature q and the raw parent feature."""
-        p = self.to_child[index](parent_feature.to(q.dtype))
-        return self.gates[index](q, p)
+        self.gates = nn.ModuleList(build_gate(gate, feature_channels(cs), lam) for cs in child_shapes)
 
     def into_parent(self, index: int, mixed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """m mapped into the parent's space, in the parent's dtype."""

@@ -129,7 +129,6 @@ class HKTTrainer(ResumeWithWeightConversion):
         self.hkt_adapter: HKTAdapter | None = None
         self.hkt_skipped_batches = 0
         self._objective: HKTObjective | None = None
-        self._parent_checked = False
         self._hkt_logs: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     # ---- parent -------------------------------------------------------------------------------------------
@@ -156,12 +155,11 @@ class HKTTrainer(ResumeWithWeightConversion):
         adapter = get_adapter(child)
         if adapter is not None and self._objective is not None:
             return adapter
-        if not self._parent_checked:
+        if self.hkt_adapter is None:  # the first build: check the parent once
             check_finite_weights(self.parent_model, self.parent_name)
         replay = head_replay_possible(self.carriers, self.parent_model, child)
         with self.accelerator.autocast():  # as the training step runs
             parent_shapes, child_shapes, replay = probe(self.parent_model, child, self.carriers, inputs, replay)
-        self._parent_checked = True
         if self.hkt_adapter is None:
             self.hkt_adapter = HKTAdapter(
                 self.carriers, parent_shapes, child_shapes, self.args.hkt_gate, self.args.hkt_lambda

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hkt_hf.adapter import channels
+from hkt_hf.transfer import feature_channels
 from hkt_hf.transfer import Aligner, build_aligner, feature_kind, match_size
 
 
@@ -77,6 +77,6 @@ def test_unsupported_rank_is_a_clear_error():
 
 
 def test_gate_channels_per_kind():
-    assert channels((7,)) == 7
-    assert channels((5, 9)) == 9
-    assert channels((3, 4, 4)) == 3
+    assert feature_channels((7,)) == 7
+    assert feature_channels((5, 9)) == 9
+    assert feature_channels((3, 4, 4)) == 3
