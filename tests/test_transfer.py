@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hkt_hf.transfer import feature_channels
-from hkt_hf.transfer import Aligner, build_aligner, feature_kind, match_size
+from hkt_hf.transfer import Aligner, build_aligner, feature_channels, feature_kind, match_size
 
 
 def test_equal_channels_give_identity_whatever_the_length_or_size():
