@@ -61,10 +61,9 @@ def forward_replaced(module: nn.Module, fn: Callable[[], Any]) -> Iterator[None]
         restore()
 
 
-@contextmanager
-def buffers_restored_on_skip(*models: nn.Module) -> Iterator[Callable[[], None]]:
-    """Snapshot the models' floating buffers (batch-norm statistics); the yielded `restore()` puts them back, so a
-    skipped batch leaves no trace in them."""
+def snapshot_buffers(*models: nn.Module) -> Callable[[], None]:
+    """Snapshot the models' buffers (batch-norm statistics); the returned `restore()` puts them back, so a skipped
+    batch leaves no trace in them."""
     saved = [(b, b.detach().clone()) for m in models for b in m.buffers()]
 
     def restore() -> None:
@@ -72,7 +71,7 @@ def buffers_restored_on_skip(*models: nn.Module) -> Iterator[Callable[[], None]]
             for buffer, value in saved:
                 buffer.copy_(value)
 
-    yield restore
+    return restore
 
 
 class HKTTrainer(ResumeWithWeightConversion):
@@ -220,10 +219,8 @@ class HKTTrainer(ResumeWithWeightConversion):
         child = self.accelerator.unwrap_model(model)
         adapter = self._ensure_adapter(child, inputs)
         skip = self.args.hkt_on_nonfinite == "skip"
-        with (
-            frozen(self.parent_model, self.args.hkt_parent_mode),
-            buffers_restored_on_skip(child, self.parent_model) if skip else nullcontext() as restore,
-        ):
+        restore = snapshot_buffers(child, self.parent_model) if skip else None
+        with frozen(self.parent_model, self.args.hkt_parent_mode):
             try:
                 result = self._run_objective(model, child, adapter, inputs, num_items_in_batch)
             except NonFiniteLossError as err:
