@@ -68,6 +68,11 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "hkt": {},  # the reference settings: head-input carrier, genetic gate, lambda 0.6, weights [1, 1, 1]
     "hkt+kd": dict(**KD),
     "hkt-agreement": dict(hkt_gate="agreement"),
+    "hkt-learned": dict(hkt_gate="learned"),
+    "hkt-layer2": dict(hkt_carriers=["resnet.layer2=resnet.layer2"]),
+    "hkt-layer3": dict(hkt_carriers=["resnet.layer3=resnet.layer3"]),
+    "hkt-layers": dict(hkt_carriers=[f"resnet.layer{i}=resnet.layer{i}" for i in (1, 2, 3)]),
+    "hkt+kd-lambda0.3": dict(hkt_lambda=0.3, **KD),
 }
 DESCRIPTIONS = {
     "child": "child alone (plain `Trainer`)",
@@ -75,6 +80,11 @@ DESCRIPTIONS = {
     "hkt": "HKT, reference settings (genetic gate, lambda 0.6, weights [1, 1, 1])",
     "hkt+kd": "HKT reference + KD term (T = 4, weight 1)",
     "hkt-agreement": "HKT with the agreement gate (w = lambda * a)",
+    "hkt-learned": "HKT with the learned gate",
+    "hkt-layer2": "HKT, carrier: `layer2` output (genetic gate)",
+    "hkt-layer3": "HKT, carrier: `layer3` output (genetic gate)",
+    "hkt-layers": "HKT, carriers: `layer1`, `layer2` and `layer3` outputs at once (genetic gate)",
+    "hkt+kd-lambda0.3": "HKT + KD term (T = 4, weight 1), lambda 0.3",
 }
 FULL = dict(steps=400, parent_steps=150, train_rows=None, test_rows=None, batch_size=BATCH_SIZE)
 QUICK = dict(steps=6, parent_steps=3, train_rows=512, test_rows=200, batch_size=32)
