@@ -72,6 +72,7 @@ METHODS: dict[str, dict[str, Any] | str | None] = {
     "hkt-agreement": dict(hkt_carriers=[HEAD_CARRIER], hkt_gate="agreement"),
     "hkt-learned": dict(hkt_carriers=[HEAD_CARRIER], hkt_gate="learned"),
     "hkt-static": dict(hkt_carriers=[HEAD_CARRIER], hkt_gate="static"),
+    "hkt-layers+kd": dict(hkt_carriers=LAYERS, **KD),
 }
 DESCRIPTIONS = {
     "child": "child alone (plain `Trainer`)",
@@ -82,6 +83,7 @@ DESCRIPTIONS = {
     "hkt-agreement": "HKT, LM-head input, agreement gate",
     "hkt-learned": "HKT, LM-head input, learned gate",
     "hkt-static": "HKT, LM-head input, static gate (0.7 p + 0.3 q)",
+    "hkt-layers+kd": "HKT, decoder-layer carriers + KD term (T = 1, weight 1)",
 }
 FULL = dict(sizes=FULL_SIZES, steps=180, eval_every=20, eval_blocks=256)
 QUICK = dict(sizes=LMSizes(vocab_size=300, block_size=32, parent_layers=3, parent_hidden=64, parent_heads=2,
