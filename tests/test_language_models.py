@@ -262,3 +262,28 @@ def test_chunked_lm_head_loss_equals_unchunked():
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
         for g, e in zip(torch.autograd.grad(loss, [hidden, head.weight]), expected_grads):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+# ---- parent dtype ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("carriers", [["auto"], [LAYER_CARRIERS["llama"]]], ids=["lm-head", "layers"])
+def test_a_bf16_parent_teaches_an_fp32_child(carriers, tmp_path, lm_data):
+    """`hkt_parent_init_kwargs={"dtype": "bfloat16"}` halves the parent's memory: its features enter the fp32 aligners
+    and the mixture goes back into it in bf16, so the parent is never cast and the child trains in fp32."""
+    tiny_lm("llama", 32, seed=2).save_pretrained(tmp_path / "parent")
+    child = tiny_lm("llama", 16, seed=1)
+    before = {k: v.clone() for k, v in child.named_parameters()}
+    rows, collator = lm_data
+    args = H.training_args(tmp_path / "out", hkt_parent=str(tmp_path / "parent"), hkt_carriers=carriers,
+                           hkt_parent_init_kwargs={"dtype": "bfloat16"}, per_device_train_batch_size=4, max_steps=2,
+                           remove_unused_columns=False, learning_rate=1e-2, hkt_kd_weight=0.5)
+    trainer = HKTTrainer(model=child, args=args, train_dataset=rows, data_collator=collator)
+    assert {p.dtype for p in trainer.parent_model.parameters()} == {torch.bfloat16}
+    with H.one_torch_thread():
+        trainer.train()
+    assert {p.dtype for p in trainer.parent_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in child.parameters()} == {torch.float32}
+    assert all(not torch.equal(v, dict(child.named_parameters())[k]) for k, v in before.items() if "embed" in k)
+    log = next(h for h in trainer.state.log_history if "hkt/loss_parent_head" in h)
+    assert all(math.isfinite(log[f"hkt/loss_{part}"]) for part in ("native", "child_mixed", "parent_head", "kd"))
