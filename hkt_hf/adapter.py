@@ -47,8 +47,11 @@ class HKTAdapter(nn.Module):
         self.gates = nn.ModuleList(build_gate(gate, feature_channels(cs), lam) for cs in child_shapes)
 
     def into_parent(self, index: int, mixed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """m mapped into the parent's space, in the parent's dtype."""
-        return self.to_parent[index](mixed.to(dtype))
+        """m mapped into the parent's space by the aligner in its own dtype, then cast to the parent's (a bf16
+        parent of an fp32 child gets bf16, the child's gradient stays fp32)."""
+        aligner = self.to_parent[index]
+        weight = next(aligner.parameters(), None)
+        return aligner(mixed if weight is None else mixed.to(weight.dtype)).to(dtype)
 
 
 def _ignored_on_save(host: nn.Module) -> set[str] | None:

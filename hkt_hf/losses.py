@@ -4,8 +4,11 @@ backward; or transformers' classification loss), and the classic distillation te
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
@@ -14,7 +17,7 @@ from .extraction import base_of
 from .tasks import task_of
 
 IGNORE_INDEX = -100
-LOSS_CHUNK = 1024  # positions per chunk of a replayed vocabulary-sized head
+LOSS_CHUNK = 1024  # positions per chunk of a vocabulary-sized loss (replayed heads, KD)
 # Tasks with one target per token; their heads are replayed position by position.
 TOKEN_TASKS = frozenset({"text-generation", "text2text-generation", "fill-mask", "token-classification"})
 
@@ -46,16 +49,66 @@ def _summed_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+def fusable(head: nn.Module) -> bool:
+    """A plain `nn.Linear` holding its whole weight (not a LoRA layer, not a ZeRO-3 partition or an FSDP2 shard, which
+    only their module's forward gathers)."""
+    return type(head) is nn.Linear and not hasattr(head.weight, "ds_id") and type(head.weight) in (nn.Parameter,
+                                                                                                     torch.Tensor)
+
+
 def token_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOSS_CHUNK) -> torch.Tensor:
     """Cross-entropy of `head(hidden)` over the positions whose target is not -100, as a mean over them (0 when there
-    are none). The head runs on those positions only, `chunk` at a time under activation checkpointing, so no
-    vocabulary-sized logits are kept for backward: they are recomputed chunk by chunk."""
+    are none), without keeping vocabulary-sized logits for backward. A plain linear head goes through
+    `SummedLinearCrossEntropy` (gradients computed in forward, nothing recomputed); any other head runs `chunk`
+    positions at a time under activation checkpointing (its logits recomputed in backward)."""
     keep = targets.ne(IGNORE_INDEX)
     hidden, targets = hidden[keep], targets[keep]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for h, t in zip(hidden.split(chunk), targets.split(chunk)):
-        total = total + checkpoint(_summed_cross_entropy, head, h, t, use_reentrant=False)
+    if fusable(head):
+        total = SummedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk)
+    else:
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for h, t in zip(hidden.split(chunk), targets.split(chunk)):
+            total = total + checkpoint(_summed_cross_entropy, head, h, t, use_reentrant=False)
     return total / keep.sum().clamp(min=1)
+
+
+class SummedLinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of `hidden @ weight.T + bias` against `targets`, summed over rows, in fp32.
+
+    The gradients with respect to hidden, weight and bias (those that need one) are computed in forward, `chunk` rows
+    at a time, and are all that is kept for backward: [rows, hidden] and [vocabulary, hidden] tensors, never the
+    [rows, vocabulary] logits, and nothing is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = F.linear(h, weight, bias).float()
+            total += F.cross_entropy(logits, t, reduction="sum")
+            d_logits = logits.softmax(-1)
+            d_logits[torch.arange(t.shape[0], device=t.device), t] -= 1
+            if need_hidden:
+                grad_hidden[start:start + chunk] = d_logits.to(weight.dtype) @ weight
+            if need_weight:
+                grad_weight += (d_logits.T.to(h.dtype) @ h).float()
+            if need_bias:
+                grad_bias += d_logits.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grads = tuple(None if g is None else (g * grad_total).to(dtype) for g, dtype in zip(ctx.saved_tensors,
+                                                                                              ctx.dtypes))
+        return (*grads, None, None)
 
 
 def head_loss(model: nn.Module, head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -82,7 +135,33 @@ def kd_loss(child_logits: torch.Tensor, parent_logits: torch.Tensor, temperature
         return diff.abs().mean() if kind == "l1" else diff.square().mean()
     if child_logits.ndim == 4:
         child_logits, parent_logits = child_logits.movedim(1, -1), parent_logits.movedim(1, -1)
-    c = F.log_softmax(child_logits.float().flatten(0, -2) / temperature, -1)
-    p = F.log_softmax(parent_logits.float().flatten(0, -2) / temperature, -1)
-    total = F.kl_div(c, p, reduction="sum", log_target=True)
-    return total / max(c.shape[0], 1) * temperature**2
+    child_logits, parent_logits = child_logits.flatten(0, -2), parent_logits.flatten(0, -2)
+    total = SummedKL.apply(child_logits, parent_logits.detach(), float(temperature), LOSS_CHUNK)
+    return total / max(child_logits.shape[0], 1)
+
+
+class SummedKL(torch.autograd.Function):
+    """T^2 * KL(softmax(parent / T) || softmax(child / T)) summed over rows of [rows, classes] logits, in fp32.
+
+    The gradient with respect to the child's logits, T * (softmax(child / T) - softmax(parent / T)), is computed in
+    forward, `chunk` rows at a time, and is the only tensor kept for backward (the logits' size and dtype). Plain
+    autograd would keep both fp32 log-softmaxes and more: at a 32k vocabulary that is the cost of KD."""
+
+    @staticmethod
+    def forward(ctx: Any, child: torch.Tensor, parent: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=child.device)
+        grad = torch.empty_like(child)
+        for c, p, g in zip(child.split(chunk), parent.split(chunk), grad.split(chunk)):
+            log_c = F.log_softmax(c.float() / temperature, -1)
+            log_p = F.log_softmax(p.float() / temperature, -1)
+            prob_p = log_p.exp()
+            total += (prob_p * (log_p - log_c)).sum()
+            g.copy_((log_c.exp() - prob_p) * temperature)
+        ctx.save_for_backward(grad)
+        return total * temperature**2
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None

@@ -27,6 +27,7 @@ from .lineage import lineage_record, write_lineage
 from .model_card import TAGS, add_lineage_to_card
 from .objective import HKTObjective, NonFiniteLossError, StepResult, head_replay_possible, probe
 from .parent import check_compatible, check_finite_weights, frozen, load_parent
+from .sharding import place_parent, release_parent_leftovers
 from .extraction import base_of
 from .tasks import auto_class_for, task_of
 from .training_args import HKTTrainingArguments
@@ -109,13 +110,16 @@ class HKTTrainer(ResumeWithWeightConversion):
         if model is None:
             raise ValueError("HKTTrainer needs the child `model`; `model_init` is not supported.")
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        parent = self._load_parent(parent_model if parent_model is not None else self.args.hkt_parent)
         parent_name = parent_model if isinstance(parent_model, str) else self.args.hkt_parent
-        self.parent_model = self._prepare_parent(parent_model if parent_model is not None else self.args.hkt_parent)
         if parent_name is None:
-            parent_name = getattr(getattr(base_of(self.parent_model), "config", None), "_name_or_path", None) or None
-        self.parent_name = parent_name or type(base_of(self.parent_model)).__name__
-        check_compatible(self.parent_model, self.model)
-        self.carriers = resolve_carriers(self.args.hkt_carriers, self.parent_model, self.model)
+            parent_name = getattr(getattr(base_of(parent), "config", None), "_name_or_path", None) or None
+        self.parent_name = parent_name or type(base_of(parent)).__name__
+        check_finite_weights(parent, self.parent_name)
+        check_compatible(parent, self.model)
+        self.carriers = resolve_carriers(self.args.hkt_carriers, parent, self.model)
+        # Under ZeRO-3 `parent_engine` owns the parent's partitions and gather hooks; None otherwise.
+        self.parent_model, self.parent_engine = place_parent(parent, self.accelerator, self.args.device)
         self.hkt_lineage = lineage_record(
             self.args, parent=parent_name, carriers=[str(c) for c in self.carriers],
             child_architecture=type(base_of(self.model)).__name__,
@@ -132,9 +136,8 @@ class HKTTrainer(ResumeWithWeightConversion):
 
     # ---- parent -------------------------------------------------------------------------------------------
 
-    def _prepare_parent(self, parent: PreTrainedModel | nn.Module | str | None) -> nn.Module:
-        """Load the parent if named, then prepare it the way Accelerate prepares a model for evaluation (device,
-        mixed precision), as TRL prepares teachers. Under DeepSpeed it is only placed on the device."""
+    def _load_parent(self, parent: PreTrainedModel | nn.Module | str | None) -> nn.Module:
+        """The parent model: loaded if named (with the Auto class of the child's task)."""
         if parent is None:
             raise ValueError(
                 "No parent model: set HKTTrainingArguments(hkt_parent='path-or-hub-id') (CLI: --hkt_parent) or pass "
@@ -142,9 +145,7 @@ class HKTTrainer(ResumeWithWeightConversion):
             )
         if isinstance(parent, str):
             parent = load_parent(parent, self.model, self.args.hkt_parent_revision, self.args.hkt_parent_init_kwargs)
-        if self.is_deepspeed_enabled:
-            return parent.to(self.args.device)
-        return self.accelerator.prepare_model(parent, evaluation_mode=True)
+        return parent
 
     # ---- adapter ------------------------------------------------------------------------------------------
 
@@ -154,8 +155,6 @@ class HKTTrainer(ResumeWithWeightConversion):
         adapter = get_adapter(child)
         if adapter is not None and self._objective is not None:
             return adapter
-        if self.hkt_adapter is None:  # the first build: check the parent once
-            check_finite_weights(self.parent_model, self.parent_name)
         replay = head_replay_possible(self.carriers, self.parent_model, child)
         with self.accelerator.autocast():  # as the training step runs
             parent_shapes, child_shapes, replay = probe(self.parent_model, child, self.carriers, inputs, replay)
@@ -183,6 +182,7 @@ class HKTTrainer(ResumeWithWeightConversion):
             # Frozen for the whole run too, not only inside each step: backward (and any activation checkpointing
             # recomputed in it) runs after `compute_loss` has returned.
             stack.enter_context(frozen(self.parent_model, self.args.hkt_parent_mode))
+            stack.callback(release_parent_leftovers, self.parent_engine)
             with torch.random.fork_rng(devices=[self.args.device] if self.args.device.type == "cuda" else []):
                 batch = next(iter(self.get_train_dataloader()))
             self._objective = None
@@ -217,6 +217,7 @@ class HKTTrainer(ResumeWithWeightConversion):
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         child = self.accelerator.unwrap_model(model)
+        release_parent_leftovers(self.parent_engine)  # of the previous step's backward
         adapter = self._ensure_adapter(child, inputs)
         skip = self.args.hkt_on_nonfinite == "skip"
         restore = snapshot_buffers(child, self.parent_model) if skip else None

@@ -24,8 +24,9 @@ LOSS_TOLERANCE = 1e-5
 WEIGHT_TOLERANCE = 1e-4
 
 
-def assert_parent_untouched(two: dict) -> None:
-    assert not two["parent_is_fsdp"] and not two["parent_params_sharded"]
+def assert_parent_untouched(two: dict, partitioned: bool = False) -> None:
+    """Frozen, unchanged and given back as it was; whole on each process unless `partitioned` (ZeRO-3)."""
+    assert not two["parent_is_fsdp"] and two["parent_params_sharded"] == partitioned
     assert two["parent_requires_grad_as_given"] and two["parent_grads"] == 0
     assert two["parent_changed"] == 0.0
 

@@ -120,6 +120,25 @@ def zero_partitioning(trainer: HKTTrainer, adapter: torch.nn.Module) -> dict:
     return info
 
 
+def parent_state(parent: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parent's whole state, gathered from ZeRO-3's partitions if it has them."""
+    params = [p for p in parent.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return {k: v.clone() for k, v in parent.state_dict().items()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        return {k: v.clone() for k, v in parent.state_dict().items()}
+
+
+def parent_partitioning(parent: torch.nn.Module) -> list[list[int]] | None:
+    """Per parent parameter under ZeRO-3: [whole numel, this rank's slice, numel held outside forward]."""
+    params = list(parent.parameters())
+    if not all(hasattr(p, "ds_id") for p in params):
+        return None
+    return [[p.ds_numel, p.ds_tensor.numel(), p.data.numel()] for p in params]
+
+
 def run(name: str, hkt: dict, per_device_batch: int, output_dir: str, fsdp: bool, zero_stage: int = 0) -> dict:
     if zero_stage:
         import deepspeed
@@ -158,7 +177,8 @@ def run(name: str, hkt: dict, per_device_batch: int, output_dir: str, fsdp: bool
         # Given trainable (built from a config), frozen for each step only: it must come back as it was given.
         "parent_requires_grad_as_given": all(p.requires_grad for p in parent.parameters()),
         "parent_grads": sum(p.grad is not None for p in parent.parameters()),
-        "parent_changed": max(float((v - parent_before[k]).abs().max()) for k, v in parent.state_dict().items()),
+        "parent_partitions": parent_partitioning(parent),
+        "parent_changed": max(float((v - parent_before[k]).abs().max()) for k, v in parent_state(parent).items()),
         "saved": saved,
     }
 

@@ -71,8 +71,20 @@ def test_deepspeed_engine_runs_zero_and_partitions_the_child_with_its_adapter(ru
 
 
 @pytest.mark.parametrize("stage, setting", CASES)
-def test_parent_stays_whole_frozen_and_unchanged_under_zero(runs, stage, setting):
-    assert_parent_untouched(one_and_two(runs, stage, setting)[1])
+def test_parent_is_frozen_unchanged_and_partitioned_only_under_zero3(runs, stage, setting):
+    """ZeRO-3 partitions the parent like the child (a parent larger than one device fits in the sum of them):
+    each process holds half of every parameter and no whole copy outside a forward, and the trajectory test below
+    shows the loss is still the one process's. ZeRO-2 keeps the parent whole on each process."""
+    two = one_and_two(runs, stage, setting)[1]
+    assert_parent_untouched(two, partitioned=stage == 3)
+    partitions = two["parent_partitions"]
+    if stage == 2:
+        assert partitions is None
+        return
+    whole = sum(numel for numel, _, _ in partitions)
+    held = sum(local for _, local, _ in partitions)
+    assert all(local == math.ceil(numel / 2) and data == 0 for numel, local, data in partitions), partitions
+    assert whole / 2 <= held <= whole / 2 + len(partitions)
 
 
 @pytest.mark.parametrize("stage, setting", CASES)

@@ -246,19 +246,75 @@ def test_lora_child_takes_carriers_by_base_model_names(tmp_path, lm_data):
     assert f"hkt/{LAYER_CARRIERS['llama']}/gate_mean" in log
 
 
-def test_chunked_lm_head_loss_equals_unchunked():
-    """The replayed LM head in chunks of positions (recomputed in backward) gives the loss and gradients of one go."""
+@pytest.mark.parametrize("head_kind", ["linear", "linear-bias", "frozen-linear", "other"])
+def test_chunked_lm_head_loss_equals_unchunked(head_kind):
+    """The replayed LM head in chunks of positions gives the loss and gradients of one go, and keeps no
+    vocabulary-sized tensor for backward: a plain linear head through `SummedLinearCrossEntropy` (gradients computed
+    in forward), any other head under activation checkpointing."""
     from hkt_hf.losses import token_loss
 
     torch.manual_seed(0)
-    head = torch.nn.Linear(16, VOCAB)
+    linear = torch.nn.Linear(16, VOCAB, bias=head_kind == "linear-bias")
+    head = torch.nn.Sequential(linear) if head_kind == "other" else linear
+    linear.weight.requires_grad_(head_kind != "frozen-linear")
     hidden = torch.randn(3, 9, 16, requires_grad=True)
     targets = torch.randint(0, VOCAB, (3, 9))
     targets[0, 5:] = -100
+    wrt = [t for t in (hidden, linear.weight, linear.bias) if t is not None and t.requires_grad]
     expected = F.cross_entropy(head(hidden).flatten(0, 1), targets.flatten(), ignore_index=-100)
-    expected_grads = torch.autograd.grad(expected, [hidden, head.weight])
+    expected_grads = torch.autograd.grad(expected, wrt)
     for chunk in (1, 4, 1024):
-        loss = token_loss(head, hidden, targets, chunk=chunk)
+        saved: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss = token_loss(head, hidden, targets, chunk=chunk)
+        assert not [t.shape for t in saved if t.ndim >= 2 and t.shape[-1] == VOCAB]  # no [positions, vocabulary]
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-        for g, e in zip(torch.autograd.grad(loss, [hidden, head.weight]), expected_grads):
+        for g, e in zip(torch.autograd.grad(loss, wrt), expected_grads):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+@pytest.mark.parametrize("chunk", [2, 1024])
+def test_kd_keeps_only_its_gradient_and_equals_autograd_kl(temperature, chunk):
+    """KD over vocabulary-sized logits: the value and gradient of plain autograd's T^2 * KL, with one tensor of the
+    logits' size kept for backward (autograd's version keeps both fp32 log-softmaxes and its KL terms)."""
+    from hkt_hf.losses import SummedKL
+
+    torch.manual_seed(0)
+    child = torch.randn(7, VOCAB, requires_grad=True)
+    parent = torch.randn(7, VOCAB)
+    c, p = F.log_softmax(child / temperature, -1), F.log_softmax(parent / temperature, -1)
+    expected = F.kl_div(c, p, reduction="sum", log_target=True) * temperature**2
+    (expected_grad,) = torch.autograd.grad(2 * expected, child)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        total = SummedKL.apply(child, parent, temperature, chunk)
+    assert [tuple(t.shape) for t in saved] == [(7, VOCAB)]
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(2 * total, child)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
+# ---- parent dtype ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("carriers", [["auto"], [LAYER_CARRIERS["llama"]]], ids=["lm-head", "layers"])
+def test_a_bf16_parent_teaches_an_fp32_child(carriers, tmp_path, lm_data):
+    """`hkt_parent_init_kwargs={"dtype": "bfloat16"}` halves the parent's memory: its features enter the fp32 aligners
+    and the mixture goes back into it in bf16, so the parent is never cast and the child trains in fp32."""
+    tiny_lm("llama", 32, seed=2).save_pretrained(tmp_path / "parent")
+    child = tiny_lm("llama", 16, seed=1)
+    before = {k: v.clone() for k, v in child.named_parameters()}
+    rows, collator = lm_data
+    args = H.training_args(tmp_path / "out", hkt_parent=str(tmp_path / "parent"), hkt_carriers=carriers,
+                           hkt_parent_init_kwargs={"dtype": "bfloat16"}, per_device_train_batch_size=4, max_steps=2,
+                           remove_unused_columns=False, learning_rate=1e-2, hkt_kd_weight=0.5)
+    trainer = HKTTrainer(model=child, args=args, train_dataset=rows, data_collator=collator)
+    assert {p.dtype for p in trainer.parent_model.parameters()} == {torch.bfloat16}
+    with H.one_torch_thread():
+        trainer.train()
+    assert {p.dtype for p in trainer.parent_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in child.parameters()} == {torch.float32}
+    assert all(not torch.equal(v, dict(child.named_parameters())[k]) for k, v in before.items() if "embed" in k)
+    log = next(h for h in trainer.state.log_history if "hkt/loss_parent_head" in h)
+    assert all(math.isfinite(log[f"hkt/loss_{part}"]) for part in ("native", "child_mixed", "parent_head", "kd"))

@@ -1,0 +1,79 @@
+"""Where the parent lives in a distributed run: whole on each device, or partitioned by DeepSpeed ZeRO-3.
+
+A parent too large for one device is only usable if it is split like the child. Under ZeRO-3 the parent goes through
+its own `deepspeed.initialize` (no optimizer), as TRL prepares teachers (`trl.models.utils.prepare_deepspeed`): every
+process keeps a slice of each parameter and ZeRO-3's module hooks gather a module's parameters for its forward,
+so the carrier hooks, the head replay and its backward work on the partitioned parent unchanged. Other runs prepare
+the parent the way Accelerate prepares a model for evaluation (device, mixed-precision forward).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from accelerate import Accelerator
+from torch import nn
+
+# The bucket sizes a ZeRO-3 config may leave to "auto": transformers fills them from the child's hidden size when
+# training starts, too late and from the wrong model for the parent; the parent's own size is used (TRL's choice).
+ZERO3_AUTO_SIZES = {
+    "reduce_bucket_size": lambda hidden: hidden * hidden,
+    "stage3_prefetch_bucket_size": lambda hidden: int(0.9 * hidden * hidden),
+    "stage3_param_persistence_threshold": lambda hidden: 10 * hidden,
+}
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    """The run's ZeRO stage, 0 without DeepSpeed."""
+    plugin = accelerator.state.deepspeed_plugin
+    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) if plugin else 0
+
+
+def hidden_size(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    sizes = getattr(config, "hidden_sizes", None)
+    return max(sizes) if sizes else getattr(config, "hidden_size", None)
+
+
+def parent_zero3_config(run_config: dict[str, Any], parent: nn.Module) -> dict[str, Any]:
+    """The run's DeepSpeed config for an inference-only parent: no optimizer, scheduler or optimizer offload, and
+    the size-dependent "auto" values set from the parent (or left to DeepSpeed's defaults when it has no size)."""
+    config = copy.deepcopy(run_config)
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    zero = config["zero_optimization"]
+    zero.pop("offload_optimizer", None)
+    hidden = hidden_size(parent)
+    for key, size in ZERO3_AUTO_SIZES.items():
+        if zero.get(key) == "auto":
+            if hidden is None:
+                del zero[key]
+            else:
+                zero[key] = size(hidden)
+    return config
+
+
+def place_parent(parent: nn.Module, accelerator: Accelerator, device: Any) -> tuple[nn.Module, Any]:
+    """Partition `parent` under ZeRO-3; place it whole on `device` under ZeRO-1/2; otherwise prepare it with
+    Accelerate for evaluation. Returns the module itself (carriers name its modules) and, under ZeRO-3, the engine
+    that owns its partitions and hooks (to be kept alive as long as the parent is used), else None."""
+    if accelerator.state.deepspeed_plugin is None:
+        return accelerator.prepare_model(parent, evaluation_mode=True), None
+    if zero_stage(accelerator) != 3:
+        return parent.to(device), None
+    import deepspeed
+
+    config = parent_zero3_config(accelerator.state.deepspeed_plugin.deepspeed_config, parent)
+    engine, *_ = deepspeed.initialize(model=parent, config=config)
+    return parent, engine
+
+
+def release_parent_leftovers(engine: Any) -> None:
+    """Partition again the parent parameters ZeRO-3 gathered for a backward but never released: a carrier module whose
+    output is replaced by a mixture that needs grad gets ZeRO-3's pre-backward gather, but its post-backward release
+    only fires when the module's input needs grad, and the parent's never does (DeepSpeed's
+    `partition_all_parameters` describes this case). Without it the carrier modules' weights stay whole on each
+    process between steps. No-op when the parent is not partitioned (`engine` None)."""
+    if engine is not None:
+        engine.optimizer.partition_all_parameters()
