@@ -144,6 +144,19 @@ def history(trainer: Trainer) -> dict[str, Any]:
     return {"validation_curve": curve, "gates": gates}
 
 
+# The corpus is CPython's source under the PSF License 2.0, which is not one of the Hub's license identifiers: the
+# Hub's convention for such licenses is `license: other` with a name and a link.
+LICENSE = {"license": "other", "license_name": "psf-2.0", "license_link": "https://docs.python.org/3/license.html"}
+
+
+def set_license(card_path: Path) -> None:
+    """Give a card written by `Trainer.create_model_card` (which takes only a license identifier) the PSF license."""
+    card = ModelCard.load(card_path)
+    for key, value in LICENSE.items():
+        setattr(card.data, key, value)
+    card.save(card_path)
+
+
 def parent_card(folder: Path, info: dict[str, Any]) -> None:
     """A short card for the cached parent (the children's cards come from `Trainer.create_model_card`)."""
     sizes = info["sizes"]
@@ -151,7 +164,9 @@ def parent_card(folder: Path, info: dict[str, Any]) -> None:
 library_name: transformers
 pipeline_tag: text-generation
 tags: [llama, python, hkt-parent]
-license: psf-2.0
+license: {LICENSE['license']}
+license_name: {LICENSE['license_name']}
+license_link: {LICENSE['license_link']}
 ---
 
 # Llama parent on the CPython standard library
@@ -183,8 +198,7 @@ def run_all(opts: argparse.Namespace) -> Path:
     started = time.perf_counter()
     tokenizer, data, parent, info = prepare(opts.data_dir, settings["sizes"], opts.cache)
     parent_folder = opts.cache / f"parent-{settings['sizes'].key()}"
-    if not (parent_folder / "README.md").is_file():
-        parent_card(parent_folder, info)
+    parent_card(parent_folder, info)  # rewritten each time: cheap, and follows changes to the card
     results["reference"]["parent"] = {**info, "folder": str(parent_folder)}
     results["reference"]["blocks"] = {split: len(ds) for split, ds in data.items()}
     atomic_write_json(path, results)
@@ -204,9 +218,10 @@ def run_all(opts: argparse.Namespace) -> Path:
             test = perplexity(trainer.evaluate(data["test"], metric_key_prefix="test"), "test")
             trainer.save_model()
             trainer.create_model_card(model_name=f"python-stdlib-llama-child-{method}", language="code",
-                                      license="psf-2.0", tags=["llama", "python", method],
+                                      tags=["llama", "python", method],
                                       dataset="python-stdlib (CPython 3.11.7 standard library source)",
                                       tasks="text-generation")
+            set_license(run_dir / "README.md")
             results["runs"][key] = {"method": method, "seed": seed, "test_perplexity": test, "train_s": train_s,
                                     "run_s": time.perf_counter() - run_start, "folder": str(run_dir),
                                     **history(trainer), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -319,6 +334,7 @@ def report(out: Path, cache: Path) -> None:
         best = min(results["runs"].values(), key=lambda r: r["test_perplexity"])
         if Path(best["folder"]).is_dir():
             shutil.copytree(best["folder"], cache / f"best-child-{out.name}", dirs_exist_ok=True)
+            set_license(cache / f"best-child-{out.name}" / "README.md")  # cards of runs made before it was set
     print(markdown_table(results))
 
 

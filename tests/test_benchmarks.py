@@ -117,6 +117,17 @@ def test_cifar10_quick_writes_resumable_results(tmp_path):
 LM_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "python-stdlib"
 
 
+def assert_hub_card(path: Path, tag: str) -> None:
+    """Metadata the Hub checks on push, parsed as huggingface_hub parses it: the corpus's PSF license, which is not a
+    Hub license identifier, given the Hub's way (`other` with a name and a link); a model index that parses."""
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(path).data
+    assert (data.license, data.license_name) == ("other", "psf-2.0") and data.license_link.startswith("https://")
+    assert data.library_name == "transformers" and tag in data.tags
+    assert data.eval_results is None or all(r.metric_value is not None for r in data.eval_results)
+
+
 @pytest.mark.skipif(not (LM_CORPUS / "train.parquet").is_file(),
                     reason=f"needs the python-stdlib corpus in ../shared ({LM_CORPUS}), absent here")
 def test_language_model_quick_writes_resumable_results(tmp_path, capsys):
@@ -143,6 +154,8 @@ def test_language_model_quick_writes_resumable_results(tmp_path, capsys):
     best = cache / "best-child-results"
     assert (best / "config.json").is_file() and (best / "README.md").is_file()
     assert "hkt-parent" in (Path(results["reference"]["parent"]["folder"]) / "README.md").read_text()
+    assert_hub_card(best / "README.md", "llama")
+    assert_hub_card(Path(results["reference"]["parent"]["folder"]) / "README.md", "hkt-parent")
 
     capsys.readouterr()
     with one_torch_thread():
