@@ -1,10 +1,12 @@
-"""Where the parent lives in a distributed run: whole on each device, or partitioned by DeepSpeed ZeRO-3.
+"""Where the parent lives in a distributed run: whole on each device, or sharded like the child.
 
-A parent too large for one device is only usable if it is split like the child. Under ZeRO-3 the parent goes through
-its own `deepspeed.initialize` (no optimizer), as TRL prepares teachers (`trl.models.utils.prepare_deepspeed`): every
-process keeps a slice of each parameter and ZeRO-3's module hooks gather a module's parameters for its forward,
-so the carrier hooks, the head replay and its backward work on the partitioned parent unchanged. Other runs prepare
-the parent the way Accelerate prepares a model for evaluation (device, mixed-precision forward).
+A parent too large for one device is only usable if it is split like the child. Under DeepSpeed ZeRO-3 the parent goes
+through its own `deepspeed.initialize` (no optimizer), as TRL prepares teachers (`trl.models.utils.prepare_deepspeed`);
+under FSDP2 it is `fully_shard`-ed by Accelerate's own `fsdp2_prepare_model`, in the units the run uses for the child.
+Either way every process keeps a slice of each parameter and the module hooks of ZeRO-3 / FSDP2 gather a module's
+parameters for its forward, so the carrier hooks, the head replay and its backward work on the sharded parent
+unchanged. Other runs prepare the parent the way Accelerate prepares a model for evaluation (device, mixed-precision
+forward).
 """
 
 from __future__ import annotations
@@ -54,10 +56,25 @@ def parent_zero3_config(run_config: dict[str, Any], parent: nn.Module) -> dict[s
     return config
 
 
+def shard_with_fsdp2(parent: nn.Module, accelerator: Accelerator) -> nn.Module:
+    """`fully_shard` the parent in the run's FSDP2 units. It is frozen while Accelerate shards it: under mixed
+    precision Accelerate upcasts trainable parameters to fp32 master weights, which a bf16 parent must not get."""
+    from accelerate.utils import fsdp2_prepare_model
+
+    trainable = {name for name, p in parent.named_parameters() if p.requires_grad}
+    parent.requires_grad_(False)
+    parent = fsdp2_prepare_model(accelerator, parent)
+    for name, p in parent.named_parameters():
+        p.requires_grad_(name in trainable)
+    return parent
+
+
 def place_parent(parent: nn.Module, accelerator: Accelerator, device: Any) -> tuple[nn.Module, Any]:
-    """Partition `parent` under ZeRO-3; place it whole on `device` under ZeRO-1/2; otherwise prepare it with
+    """Shard `parent` under ZeRO-3 or FSDP2; place it whole on `device` under ZeRO-1/2; otherwise prepare it with
     Accelerate for evaluation. Returns the module itself (carriers name its modules) and, under ZeRO-3, the engine
     that owns its partitions and hooks (to be kept alive as long as the parent is used), else None."""
+    if getattr(accelerator, "is_fsdp2", False):
+        return shard_with_fsdp2(parent, accelerator), None
     if accelerator.state.deepspeed_plugin is None:
         return accelerator.prepare_model(parent, evaluation_mode=True), None
     if zero_stage(accelerator) != 3:
@@ -69,11 +86,18 @@ def place_parent(parent: nn.Module, accelerator: Accelerator, device: Any) -> tu
     return parent, engine
 
 
-def release_parent_leftovers(engine: Any) -> None:
-    """Partition again the parent parameters ZeRO-3 gathered for a backward but never released: a carrier module whose
-    output is replaced by a mixture that needs grad gets ZeRO-3's pre-backward gather, but its post-backward release
-    only fires when the module's input needs grad, and the parent's never does (DeepSpeed's
-    `partition_all_parameters` describes this case). Without it the carrier modules' weights stay whole on each
-    process between steps. No-op when the parent is not partitioned (`engine` None)."""
+def release_parent_leftovers(parent: nn.Module, engine: Any) -> None:
+    """Shard again the parent parameters gathered in a step and left whole. ZeRO-3: a carrier module whose output is
+    replaced by a mixture that needs grad is gathered for backward, but released only when the module's input needs
+    grad, and the parent's never does (DeepSpeed's `partition_all_parameters` describes this case). FSDP2: units that
+    keep their parameters after forward (Accelerate's head unit, the root) are resharded only at the end of a
+    backward through them, which a no-grad parent pass never has. No-op for a parent that is not sharded."""
     if engine is not None:
         engine.optimizer.partition_all_parameters()
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(parent, FSDPModule):  # the root of every parent that `shard_with_fsdp2` sharded
+        for module in parent.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()

@@ -182,7 +182,7 @@ class HKTTrainer(ResumeWithWeightConversion):
             # Frozen for the whole run too, not only inside each step: backward (and any activation checkpointing
             # recomputed in it) runs after `compute_loss` has returned.
             stack.enter_context(frozen(self.parent_model, self.args.hkt_parent_mode))
-            stack.callback(release_parent_leftovers, self.parent_engine)
+            stack.callback(release_parent_leftovers, self.parent_model, self.parent_engine)
             with torch.random.fork_rng(devices=[self.args.device] if self.args.device.type == "cuda" else []):
                 batch = next(iter(self.get_train_dataloader()))
             self._objective = None
@@ -217,7 +217,7 @@ class HKTTrainer(ResumeWithWeightConversion):
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         child = self.accelerator.unwrap_model(model)
-        release_parent_leftovers(self.parent_engine)  # of the previous step's backward
+        release_parent_leftovers(self.parent_model, self.parent_engine)  # left by the previous step
         adapter = self._ensure_adapter(child, inputs)
         skip = self.args.hkt_on_nonfinite == "skip"
         restore = snapshot_buffers(child, self.parent_model) if skip else None

@@ -3,6 +3,7 @@ with the same global batch and seed. `one` and `two` are one setting's results f
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -25,10 +26,23 @@ WEIGHT_TOLERANCE = 1e-4
 
 
 def assert_parent_untouched(two: dict, partitioned: bool = False) -> None:
-    """Frozen, unchanged and given back as it was; whole on each process unless `partitioned` (ZeRO-3)."""
-    assert not two["parent_is_fsdp"] and two["parent_params_sharded"] == partitioned
+    """Frozen, unchanged and given back as it was; whole on each process unless `partitioned` (ZeRO-3, FSDP2)."""
+    assert two["parent_params_sharded"] == partitioned
     assert two["parent_requires_grad_as_given"] and two["parent_grads"] == 0
     assert two["parent_changed"] == 0.0
+
+
+def assert_parent_halved(two: dict, by: str) -> None:
+    """Rank 0 of 2 holds its half of every parent parameter and no whole copy between steps, so a parent larger than
+    one device fits in the sum of them: ZeRO-3 a flat slice of ceil(numel / 2) elements, FSDP2 the first
+    ceil(rows / 2) rows of dim 0 (a parameter of one row, such as ViT's class token, stays on rank 0)."""
+    partitions = two["parent_partitions"]
+    assert partitions and partitions["by"] == by, partitions
+    for numel, rows, local, whole in partitions["params"]:
+        half = math.ceil(numel / 2) if by == "zero3" else math.ceil(rows / 2) * (numel // rows)
+        assert (local, whole) == (half, 0), partitions
+    total = sum(numel for numel, _, _, _ in partitions["params"])
+    assert sum(local for _, _, local, _ in partitions["params"]) < 0.55 * total
 
 
 def assert_same_trajectory(one: dict, two: dict) -> None:

@@ -121,22 +121,27 @@ def zero_partitioning(trainer: HKTTrainer, adapter: torch.nn.Module) -> dict:
 
 
 def parent_state(parent: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parent's whole state, gathered from ZeRO-3's partitions if it has them."""
+    """The parent's whole state, gathered from FSDP2's shards or ZeRO-3's partitions if it has them."""
     params = [p for p in parent.parameters() if hasattr(p, "ds_id")]
     if not params:
-        return {k: v.clone() for k, v in parent.state_dict().items()}
+        return {k: full(v).clone() for k, v in parent.state_dict().items()}
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(params):
         return {k: v.clone() for k, v in parent.state_dict().items()}
 
 
-def parent_partitioning(parent: torch.nn.Module) -> list[list[int]] | None:
-    """Per parent parameter under ZeRO-3: [whole numel, this rank's slice, numel held outside forward]."""
+def parent_partitioning(parent: torch.nn.Module) -> dict | None:
+    """How the parent is sharded, as seen on this rank: `by` (`fsdp2`: rows of dim 0 per rank; `zero3`: a flat
+    slice), and per parameter [whole numel, rows (dim 0), this rank's slice, numel held whole outside forward
+    (ZeRO-3's `.data`; 0 for a DTensor, which only holds its slice)]. None for a whole parent."""
     params = list(parent.parameters())
-    if not all(hasattr(p, "ds_id") for p in params):
-        return None
-    return [[p.ds_numel, p.ds_tensor.numel(), p.data.numel()] for p in params]
+    if all(isinstance(p, DTensor) for p in params):
+        return {"by": "fsdp2", "params": [[p.numel(), p.shape[0], p.to_local().numel(), 0] for p in params]}
+    if all(hasattr(p, "ds_id") for p in params):
+        return {"by": "zero3",
+                "params": [[p.ds_numel, p.ds_shape[0], p.ds_tensor.numel(), p.data.numel()] for p in params]}
+    return None
 
 
 def run(name: str, hkt: dict, per_device_batch: int, output_dir: str, fsdp: bool, zero_stage: int = 0) -> dict:
@@ -173,6 +178,7 @@ def run(name: str, hkt: dict, per_device_batch: int, output_dir: str, fsdp: bool
         "adapter_in_child_after_train": any("hkt_adapter" in n for n, _ in trainer.model.named_parameters()),
         "lambda": learned_lambdas(adapter),
         "parent_is_fsdp": any(isinstance(m, FSDPModule) for m in parent.modules()),
+        "parent_fsdp_units": sorted(n for n, m in parent.named_modules() if isinstance(m, FSDPModule)),
         "parent_params_sharded": any(sharded(p) for p in parent.parameters()),
         # Given trainable (built from a config), frozen for each step only: it must come back as it was given.
         "parent_requires_grad_as_given": all(p.requires_grad for p in parent.parameters()),

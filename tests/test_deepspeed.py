@@ -20,7 +20,7 @@ import pytest
 from dist_worker import GLOBAL_BATCH, SETTINGS
 from fsdp_worker import one_process_runs
 from helpers import torchrun_in_background
-from distributed_checks import assert_parent_untouched, assert_same_trajectory, assert_saved_plain_child_like_one_process
+from distributed_checks import assert_parent_halved, assert_parent_untouched, assert_same_trajectory, assert_saved_plain_child_like_one_process
 
 WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
 STAGES = [2, 3]
@@ -77,14 +77,10 @@ def test_parent_is_frozen_unchanged_and_partitioned_only_under_zero3(runs, stage
     shows the loss is still the one process's. ZeRO-2 keeps the parent whole on each process."""
     two = one_and_two(runs, stage, setting)[1]
     assert_parent_untouched(two, partitioned=stage == 3)
-    partitions = two["parent_partitions"]
-    if stage == 2:
-        assert partitions is None
-        return
-    whole = sum(numel for numel, _, _ in partitions)
-    held = sum(local for _, local, _ in partitions)
-    assert all(local == math.ceil(numel / 2) and data == 0 for numel, local, data in partitions), partitions
-    assert whole / 2 <= held <= whole / 2 + len(partitions)
+    if stage == 3:
+        assert_parent_halved(two, "zero3")
+    else:
+        assert two["parent_partitions"] is None and not two["parent_is_fsdp"]
 
 
 @pytest.mark.parametrize("stage, setting", CASES)

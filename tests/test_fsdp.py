@@ -2,7 +2,7 @@
 
 The child (with `hkt_adapter`) is `fully_shard`-ed in place by Accelerate; the objective runs after the root's
 forward (there is no wrapper), with carrier hooks on FSDP units, a head replay and truncated passes through them.
-The parent must stay whole, frozen and outside FSDP. See `fsdp_worker.py` for why a small shim is needed on CPU.
+The parent is `fully_shard`-ed in the same units (each process holds half of it), frozen and unchanged. See `fsdp_worker.py` for why a small shim is needed on CPU.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from dist_worker import GLOBAL_BATCH, SETTINGS
 from fsdp_worker import one_process_runs
-from distributed_checks import assert_parent_untouched, assert_same_trajectory, assert_saved_plain_child_like_one_process
+from distributed_checks import assert_parent_halved, assert_parent_untouched, assert_same_trajectory, assert_saved_plain_child_like_one_process
 from helpers import torchrun_in_background
 from hkt_hf.mixture import LearnedGate
 
@@ -44,8 +44,13 @@ def test_fsdp2_runs_and_shards_the_child_with_its_adapter(one_and_two_processes,
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_parent_stays_whole_frozen_and_unchanged(one_and_two_processes, setting):
-    assert_parent_untouched(one_and_two_processes[1][setting])
+def test_parent_is_sharded_in_the_same_units_frozen_and_unchanged(one_and_two_processes, setting):
+    """The parent is sharded like the child (a parent larger than one device fits in the sum of them); the head
+    replay and the truncated passes ran on it (the trajectory test below: the loss is the one process's)."""
+    two = one_and_two_processes[1][setting]
+    assert two["parent_is_fsdp"] and two["parent_fsdp_units"] == two["fsdp_units"]
+    assert_parent_untouched(two, partitioned=True)
+    assert_parent_halved(two, "fsdp2")
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
