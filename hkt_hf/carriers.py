@@ -2,9 +2,15 @@
 
 A carrier is written `"parent.module.path=child.module.path"` (module outputs; append `:input` to take a
 module's first input instead), with the model's own module names (a PEFT-wrapped model's base-model names work), or
-`auto`: the inputs of the two prediction heads, the reference setting. The head is found through transformers'
-APIs: `get_output_embeddings()` for language-model heads (causal, masked, seq2seq), else the classification or
-question-answering head module.
+one of two keywords:
+
+- `auto`: the inputs of the two prediction heads, the reference setting. The head is found through transformers'
+  APIs: `get_output_embeddings()` for language-model heads (causal, masked, seq2seq), else the classification or
+  question-answering head module.
+- `blocks`: the outputs of up to `MAX_BLOCK_CARRIERS` of the child's blocks, evenly spaced and ending with its last,
+  each paired with the parent's block at the same relative depth. Blocks are the modules of the class that
+  transformers lists in `_no_split_modules` (decoder layers, encoder layers, residual blocks) and that the model
+  repeats most, in their order in the model. Not the paper's formula: an option the benchmarks measured.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from torch import nn
 from .extraction import FeatureSpec, base_of, resolve_module
 from .tasks import task_of
 
+MAX_BLOCK_CARRIERS = 3
 LM_TASKS = frozenset({"text-generation", "text2text-generation", "fill-mask"})
 HEAD_NAMES = ("classifier", "score", "qa_outputs", "head", "fc", "linear")
 
@@ -64,21 +71,56 @@ def head_carrier(parent: nn.Module, child: nn.Module) -> CarrierPair:
     return CarrierPair(FeatureSpec(find_head(parent, "parent"), "input"), FeatureSpec(find_head(child, "child"), "input"))
 
 
+def block_names(model: nn.Module, role: str = "model") -> list[str]:
+    """Dotted names (in the base model) of the model's repeated blocks, in order: the instances of the class in
+    `_no_split_modules` that it holds most of (a ViT lists its embeddings there too, once), outermost only."""
+    base = base_of(model)
+    classes = set(getattr(base, "_no_split_modules", None) or ())
+    found: dict[str, list[str]] = {}
+    for name, module in base.named_modules():
+        if type(module).__name__ in classes:
+            found.setdefault(type(module).__name__, []).append(name)
+    if not found:
+        raise ValueError(
+            f"The {role} ({type(base).__name__}) lists no block classes in `_no_split_modules`, so `blocks` carriers "
+            "cannot find its blocks. Name the carriers explicitly, e.g. hkt_carriers=['model.layers.5=model.layers.1']."
+        )
+    names = max(found.values(), key=len)
+    return [n for n in names if not any(n.startswith(outer + ".") for outer in names)]
+
+
+def block_carriers(parent: nn.Module, child: nn.Module, most: int = MAX_BLOCK_CARRIERS) -> list[CarrierPair]:
+    """The `blocks` carriers: child blocks at evenly spaced depths ending with the last, each with the parent block
+    at the same relative depth (child block i of c takes parent block (i + 1) * p // c - 1 of p)."""
+    parents, children = block_names(parent, "parent"), block_names(child, "child")
+    count = min(len(children), most)
+    pairs = []
+    for j in range(count):
+        i = (j + 1) * len(children) // count - 1
+        pairs.append(CarrierPair(FeatureSpec(parents[(i + 1) * len(parents) // len(children) - 1]),
+                                 FeatureSpec(children[i])))
+    return pairs
+
+
 def resolve_carriers(specs: list[str], parent: nn.Module, child: nn.Module) -> list[CarrierPair]:
-    """Parse carrier strings, expand `auto`, and check that every named module exists in its network."""
+    """Parse carrier strings, expand `auto` and `blocks`, and check that every named module exists in its network."""
     if not specs:
         raise ValueError("hkt_carriers is empty: give at least one carrier, or ['auto'] for the head inputs.")
     pairs = []
     for text in specs:
         if text.strip() == "auto":
-            pair = head_carrier(parent, child)
+            expanded = [head_carrier(parent, child)]
+        elif text.strip() == "blocks":
+            expanded = block_carriers(parent, child)
         else:
             pair = parse_carrier(text)
             resolve_module(parent, pair.parent.module, "parent")
             resolve_module(child, pair.child.module, "child")
-        if pair in pairs:
-            raise ValueError(f"Carrier '{pair}' is given twice in hkt_carriers.")
-        pairs.append(pair)
+            expanded = [pair]
+        for pair in expanded:
+            if pair in pairs:
+                raise ValueError(f"Carrier '{pair}' is given twice in hkt_carriers.")
+            pairs.append(pair)
     return pairs
 
 
@@ -87,7 +129,7 @@ def parse_carrier(text: str) -> CarrierPair:
     sides = text.split("=")
     if len(sides) != 2 or not all(s.strip() for s in sides):
         raise ValueError(
-            f"Carrier '{text}' is not of the form 'parent.module.path=child.module.path' (or 'auto'), e.g. "
+            f"Carrier '{text}' is not of the form 'parent.module.path=child.module.path' (or 'auto' or 'blocks'), e.g. "
             "'resnet.layer3=resnet.layer3' or 'classifier:input=classifier:input'."
         )
     return CarrierPair(FeatureSpec.parse(sides[0]), FeatureSpec.parse(sides[1]))

@@ -152,11 +152,13 @@ class SummedKL(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=child.device)
         grad = torch.empty_like(child)
         for c, p, g in zip(child.split(chunk), parent.split(chunk), grad.split(chunk)):
-            log_c = F.log_softmax(c.float() / temperature, -1)
-            log_p = F.log_softmax(p.float() / temperature, -1)
+            # Few passes over the [chunk, vocabulary] tile: the step is memory-bound at vocabulary scale.
+            log_c = F.log_softmax(c.float() / temperature if temperature != 1 else c.float(), -1)
+            log_p = F.log_softmax(p.float() / temperature if temperature != 1 else p.float(), -1)
             prob_p = log_p.exp()
-            total += (prob_p * (log_p - log_c)).sum()
-            g.copy_((log_c.exp() - prob_p) * temperature)
+            total += torch.dot(prob_p.flatten(), log_p.sub_(log_c).flatten())
+            prob_c = log_c.exp_().sub_(prob_p)
+            g.copy_(prob_c.mul_(temperature) if temperature != 1 else prob_c)
         ctx.save_for_backward(grad)
         return total * temperature**2
 

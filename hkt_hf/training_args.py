@@ -45,9 +45,11 @@ class HKTTrainingArguments(TrainingArguments):
             Keyword arguments for the parent's `from_pretrained` (e.g. `{"dtype": "bfloat16",
             "attn_implementation": "sdpa"}`); a JSON string on the command line.
         hkt_carriers (`list[str]`, *optional*, defaults to `["auto"]`):
-            Carrier pairs `"parent.module=child.module"` (append `:input` to take a module's input), or `"auto"` for
-            the inputs of the modules that produce the two models' predictions. Several carriers give multi-stage
-            transfer.
+            Carrier pairs `"parent.module=child.module"` (append `:input` to take a module's input), `"auto"` for
+            the inputs of the modules that produce the two models' predictions (the reference), or `"blocks"` for the
+            outputs of up to 3 of the child's blocks (decoder layers, residual blocks) paired with the parent's blocks
+            at the same relative depths (not the paper's formula; see `docs/which-configuration.md`). Several
+            carriers give multi-stage transfer.
         hkt_gate (`str`, *optional*, defaults to `"genetic"`):
             Mixture gate: `"genetic"` (the reference formula), `"agreement"`, `"static"` or `"learned"`.
         hkt_lambda (`float`, *optional*, defaults to `0.6`):
@@ -83,7 +85,8 @@ class HKTTrainingArguments(TrainingArguments):
         default_factory=lambda: ["auto"],
         metadata={
             "help": "Carrier pairs 'parent.module=child.module' (append ':input' to take a module's input), or "
-            "'auto' for the inputs of the prediction heads. Several carriers give multi-stage transfer."
+            "'auto' for the inputs of the prediction heads, or 'blocks' for up to 3 child blocks paired with the "
+            "parent's at the same relative depths. Several carriers give multi-stage transfer."
         },
     )
     hkt_gate: str = field(
@@ -120,7 +123,7 @@ class HKTTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.hkt_carriers, str):  # a Python caller's hkt_carriers="auto": one carrier, not letters
+        if isinstance(self.hkt_carriers, str):  # a Python caller's hkt_carriers="auto": one entry, not letters
             self.hkt_carriers = [self.hkt_carriers]
         if isinstance(self.hkt_parent_init_kwargs, str):
             try:
@@ -177,7 +180,7 @@ def validate_hkt_settings(settings: Mapping[str, Any]) -> None:
         carriers = get("hkt_carriers")
         if not carriers or not all(isinstance(c, str) and c.strip() for c in carriers):
             raise ValueError(
-                f"hkt_carriers must be a non-empty list of 'parent.module=child.module' strings or ['auto'], got "
+                f"hkt_carriers must be a non-empty list of 'parent.module=child.module' strings or ['auto'] or ['blocks'], got "
                 f"{carriers!r}."
             )
     if "hkt_gate" in settings:

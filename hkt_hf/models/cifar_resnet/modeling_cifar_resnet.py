@@ -44,6 +44,7 @@ class CifarResNetPreTrainedModel(PreTrainedModel):
     base_model_prefix = "resnet"
     main_input_name = "pixel_values"
     supports_gradient_checkpointing = False
+    _no_split_modules = ["CifarBasicBlock"]  # the residual blocks (device maps and FSDP units; HKT's `blocks`)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
