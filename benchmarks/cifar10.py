@@ -73,6 +73,7 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "hkt-layer3": dict(hkt_carriers=["resnet.layer3=resnet.layer3"]),
     "hkt-layers": dict(hkt_carriers=[f"resnet.layer{i}=resnet.layer{i}" for i in (1, 2, 3)]),
     "hkt+kd-lambda0.3": dict(hkt_lambda=0.3, **KD),
+    "hkt-blocks+kd": dict(hkt_carriers=["blocks"], **KD),
 }
 DESCRIPTIONS = {
     "child": "child alone (plain `Trainer`)",
@@ -85,6 +86,7 @@ DESCRIPTIONS = {
     "hkt-layer3": "HKT, carrier: `layer3` output (genetic gate)",
     "hkt-layers": "HKT, carriers: `layer1`, `layer2` and `layer3` outputs at once (genetic gate)",
     "hkt+kd-lambda0.3": "HKT + KD term (T = 4, weight 1), lambda 0.3",
+    "hkt-blocks+kd": "HKT, `blocks` carriers (the `layer1`-`layer3` outputs) + KD term (T = 4, weight 1)",
 }
 FULL = dict(steps=400, parent_steps=150, train_rows=None, test_rows=None, batch_size=BATCH_SIZE)
 QUICK = dict(steps=6, parent_steps=3, train_rows=512, test_rows=200, batch_size=32)
