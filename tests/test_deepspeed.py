@@ -16,6 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import torch
 
 from dist_worker import GLOBAL_BATCH, SETTINGS
 from fsdp_worker import one_process_runs
@@ -96,3 +97,22 @@ def test_zero_child_saves_as_a_plain_model_equal_to_the_one_process_child(runs, 
     """`save_model` gathers the child (under ZeRO-3 with `stage3_gather_16bit_weights_on_model_save`, which keeps
     fp32 here) without the adapter; measured: within 8.3e-6 of the 1-process child."""
     assert_saved_plain_child_like_one_process(*one_and_two(runs, stage, setting))
+
+
+def test_parent_zero3_config_drops_the_training_blocks_and_sizes_auto_buckets_from_the_parent():
+    """The parent's engine gets the run's config without optimizer, scheduler and optimizer offload (it has nothing
+    to optimise), and the size-dependent "auto" values from the parent's hidden size (transformers would fill them
+    from the child's, at train time); the run's own config is left as it was."""
+    from helpers import tiny_vit
+    from hkt_hf.sharding import parent_zero3_config
+
+    run = {"optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"}, "train_batch_size": 8,
+           "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}, "reduce_bucket_size": "auto",
+                                 "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto"}}
+    config = parent_zero3_config(run, tiny_vit(32))
+    assert config == {"train_batch_size": 8, "zero_optimization": {
+        "stage": 3, "reduce_bucket_size": 32 * 32, "stage3_prefetch_bucket_size": int(0.9 * 32 * 32),
+        "stage3_param_persistence_threshold": 320}}
+    assert run["optimizer"] and run["zero_optimization"]["reduce_bucket_size"] == "auto"
+    sizeless = parent_zero3_config(run, torch.nn.Linear(2, 2))  # no config: DeepSpeed's defaults
+    assert sizeless["zero_optimization"] == {"stage": 3}
