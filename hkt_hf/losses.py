@@ -56,20 +56,26 @@ def fusable(head: nn.Module) -> bool:
                                                                                                      torch.Tensor)
 
 
-def token_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOSS_CHUNK) -> torch.Tensor:
-    """Cross-entropy of `head(hidden)` over the positions whose target is not -100, as a mean over them (0 when there
-    are none), without keeping vocabulary-sized logits for backward. A plain linear head goes through
-    `SummedLinearCrossEntropy` (gradients computed in forward, nothing recomputed); any other head runs `chunk`
-    positions at a time under activation checkpointing (its logits recomputed in backward)."""
+def token_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                   chunk: int = LOSS_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of `head(hidden)` over the positions whose target is not -100, and their count, without
+    keeping vocabulary-sized logits for backward. A plain linear head goes through `SummedLinearCrossEntropy`
+    (gradients computed in forward, nothing recomputed); any other head runs `chunk` positions at a time under
+    activation checkpointing (its logits recomputed in backward)."""
     keep = targets.ne(IGNORE_INDEX)
     hidden, targets = hidden[keep], targets[keep]
     if fusable(head):
-        total = SummedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk)
-    else:
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for h, t in zip(hidden.split(chunk), targets.split(chunk)):
-            total = total + checkpoint(_summed_cross_entropy, head, h, t, use_reentrant=False)
-    return total / keep.sum().clamp(min=1)
+        return SummedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk), keep.sum()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, t in zip(hidden.split(chunk), targets.split(chunk)):
+        total = total + checkpoint(_summed_cross_entropy, head, h, t, use_reentrant=False)
+    return total, keep.sum()
+
+
+def token_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """`token_loss_sum` as a mean over the positions with a target (0 when there are none)."""
+    total, count = token_loss_sum(head, hidden, targets, chunk)
+    return total / count.clamp(min=1)
 
 
 class SummedLinearCrossEntropy(torch.autograd.Function):

@@ -1,6 +1,6 @@
 """The HKT training objective for one batch: the parent's pass, the child's pass, and the loss terms.
 
-    L = w0 * L_c   (the child's own task loss, the Trainer's compute_loss)
+    L = w0 * L_c   (the child's own task loss: the Trainer's compute_loss, or the same from its replayed LM head)
       + w1 * L_c*  (the child's task loss with its carrier feature replaced by m)
       + w2 * L_p*  (the frozen parent's task loss with its carrier feature replaced by m, mapped into its space)
       + kd * KD    (optional classic distillation on the predictions)
@@ -28,9 +28,18 @@ import torch
 from torch import nn
 
 from .adapter import HKTAdapter
-from .carriers import CarrierPair, head_carrier
+from .carriers import CarrierPair
 from .extraction import FeatureExtractor, FeatureSpec, base_of, resolve_module
-from .losses import IGNORE_INDEX, TOKEN_TASKS, count_items, head_loss, kd_loss, target_mask
+from .losses import (
+    IGNORE_INDEX,
+    TOKEN_TASKS,
+    count_items,
+    head_loss,
+    kd_loss,
+    target_labels,
+    target_mask,
+    token_loss_sum,
+)
 from .mixture import GateOutput, masked_mean
 from .tasks import reads_last_token, task_of
 from .transfer import match_size
@@ -84,48 +93,6 @@ def forward_inputs(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
     if getattr(base.config, "is_encoder_decoder", False) and "decoder_input_ids" not in out and callable(prepare):
         out["decoder_input_ids"] = prepare(labels=inputs["labels"])
     return out
-
-
-def head_replay_possible(carriers: list[CarrierPair], parent: nn.Module, child: nn.Module) -> bool:
-    """True when the only carrier is the input of both prediction heads of two models of the same (classification
-    or token) task, so replaying the heads on m gives L_c* and L_p*."""
-    task = task_of(child)
-    if len(carriers) != 1 or task not in TOKEN_TASKS | SEQUENCE_TASKS or task_of(parent) != task:
-        return False
-    try:
-        return carriers[0] == head_carrier(parent, child)
-    except ValueError:
-        return False
-
-
-@torch.no_grad()
-def probe(
-    parent: nn.Module, child: nn.Module, carriers: list[CarrierPair], inputs: dict[str, Any], replay: bool
-) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]], bool]:
-    """Per-sample carrier shapes of parent and child on one batch, in eval mode (no batch-norm update).
-
-    Also confirms that replaying a head on its captured input gives the model's logits; if it does not (the model
-    post-processes its head output, e.g. picks one token's logits), the caller must use full passes instead.
-    """
-    shapes, replay_ok = [], replay
-    for model, specs, role in ((parent, [c.parent for c in carriers], "parent"),
-                               (child, [c.child for c in carriers], "child")):
-        modes = {module: module.training for module in model.modules()}  # per module: keeps a train-bn parent
-        model.eval()
-        try:
-            with FeatureExtractor(model, specs, role=role) as ext:
-                out = model(**forward_inputs(model, inputs))
-            if replay_ok:
-                replayed, logits = resolve_module(model, specs[0].module)(ext.features[0]).float(), out.logits.float()
-                replay_ok = replayed.shape == logits.shape and torch.allclose(replayed, logits, atol=1e-5, rtol=1e-4)
-        finally:
-            for module, training in modes.items():
-                module.training = training
-        missing = [str(specs[i]) for i in range(len(specs)) if i not in ext.features]
-        if missing:
-            raise ValueError(f"The {role} forward pass never ran carrier module(s) {missing}; pick modules it uses.")
-        shapes.append([tuple(ext.features[i].shape[1:]) for i in range(len(specs))])
-    return shapes[0], shapes[1], replay_ok
 
 
 # ---- gates on real positions -----------------------------------------------------------------------------------------
@@ -203,11 +170,16 @@ class HKTObjective:
     `args` is the `HKTTrainingArguments`: `hkt_loss_weights`, `hkt_kd_weight`, `hkt_kd_temperature`, `hkt_kd_loss`.
     """
 
-    def __init__(self, parent: nn.Module, carriers: list[CarrierPair], args: Any, replay: bool):
+    def __init__(self, parent: nn.Module, carriers: list[CarrierPair], args: Any, replay: bool,
+                 native_replay: bool = False):
         self.parent = parent
         self.carriers = carriers
         self.args = args
         self.replay = replay
+        # The native term from the child's head replayed on its input in chunks, instead of the model's own loss
+        # (which keeps [positions, vocabulary] log-probabilities for backward); only where the trainer has checked
+        # that the two are the same loss (`own_loss_replayable`, no label smoothing or custom loss function).
+        self.native_replay = native_replay
 
     @property
     def weights(self) -> tuple[float, float, float]:
@@ -228,9 +200,15 @@ class HKTObjective:
         parent_out, h = None, {}
         if kd or (mixing and (self.replay or w2 == 0)):  # the plain parent pass, first
             parent_out, h = self._parent_pass(inputs, capture=mixing)
-        with FeatureExtractor(child, [c.child for c in self.carriers] if mixing else [], role="child") as ext:
-            native_loss, outputs = native(dict(inputs))
+        specs = [c.child for c in self.carriers] if mixing or self.native_replay else []
+        with FeatureExtractor(child, specs, role="child") as ext:
+            if self.native_replay:
+                outputs = child(**forward_inputs(child, inputs))
+            else:
+                native_loss, outputs = native(dict(inputs))
         q = ext.features
+        if self.native_replay:
+            native_loss = self._replayed_native(child, inputs, q[0], num_items_in_batch)
         terms, gates = {}, {}
         if mixing:
             step = self._replay_heads if self.replay else self._truncated_passes
@@ -259,6 +237,14 @@ class HKTObjective:
         terms = {name: value.float() for name, value in terms.items()}
         loss = self.weights[0] * native_loss + scale * sum(weights[name] * value for name, value in terms.items())
         return StepResult(loss, outputs, {"native": native_part, **terms})
+
+    def _replayed_native(self, child: nn.Module, inputs: dict[str, Any], q: torch.Tensor,
+                         num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+        """The child's own token loss from its head replayed on q, normalised as the model normalises it: summed
+        over `num_items_in_batch` when that is given, else a mean over the positions with a target."""
+        head = resolve_module(child, self.carriers[0].child.module)
+        total, count = token_loss_sum(head, q, target_labels(child, inputs["labels"]))
+        return total / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
 
     def _parent_pass(self, inputs: dict[str, Any], capture: bool) -> tuple[Any, dict[int, torch.Tensor]]:
         """The parent's plain pass without autograd; captures its carrier features when asked."""

@@ -25,7 +25,9 @@ from .carriers import resolve_carriers
 from .checkpointing import CheckpointCommitCallback, resolve_resume_checkpoint
 from .lineage import lineage_record, write_lineage
 from .model_card import TAGS, add_lineage_to_card
-from .objective import HKTObjective, NonFiniteLossError, StepResult, head_replay_possible, probe
+from .objective import HKTObjective, NonFiniteLossError, StepResult
+
+from .probing import head_replay_possible, own_loss_replayable, probe
 from .parent import check_compatible, check_finite_weights, frozen, load_parent
 from .sharding import place_parent, release_parent_leftovers
 from .extraction import base_of
@@ -165,7 +167,11 @@ class HKTTrainer(ResumeWithWeightConversion):
             self.hkt_adapter.to(device=self.args.device, dtype=next(child.parameters()).dtype)
         if adapter is not self.hkt_adapter:
             inject_adapter(child, self.hkt_adapter)
-        self._objective = HKTObjective(self.parent_model, self.carriers, self.args, replay)
+        native_replay = (  # the native term from the replayed head only where it is the Trainer's own loss
+            replay and self.label_smoother is None and self.compute_loss_func is None
+            and self.model_accepts_loss_kwargs and own_loss_replayable(child, self.carriers[0].child, inputs)
+        )
+        self._objective = HKTObjective(self.parent_model, self.carriers, self.args, replay, native_replay)
         return self.hkt_adapter
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):

@@ -122,12 +122,14 @@ def assert_same_update(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], s
         torch.testing.assert_close(da, db, rtol=1e-4, atol=1e-4 * db.abs().max().item() + 1e-7, msg=key)
 
 
-@pytest.mark.parametrize("trainer_class", [Trainer, HKTTrainer], ids=["plain", "hkt"])
-def test_padded_accumulation_gives_the_update_of_one_big_batch(trainer_class, tmp_path, lm_data):
+@pytest.mark.parametrize(("trainer_class", "carriers"), [(Trainer, None), (HKTTrainer, ["auto", LAYER_CARRIERS["llama"]]),
+                                                         (HKTTrainer, ["auto"])], ids=["plain", "hkt", "hkt-head"])
+def test_padded_accumulation_gives_the_update_of_one_big_batch(trainer_class, carriers, tmp_path, lm_data):
     """Batch 4 x accumulation 1 and batch 2 x accumulation 2 over padded sequences of different lengths: the plain
-    Trainer (the reference) and HKTTrainer (head and layer carriers, KD) both give the same update."""
+    Trainer (the reference) and HKTTrainer (head and layer carriers, KD; the head carrier alone, whose native term is
+    replayed from the head in chunks) all give the same update."""
     start = tiny_lm("llama", 16, seed=1).state_dict()
-    hkt = dict(hkt_carriers=["auto", LAYER_CARRIERS["llama"]], hkt_kd_weight=0.5) if trainer_class is HKTTrainer else {}
+    hkt = dict(hkt_carriers=carriers, hkt_kd_weight=0.5) if trainer_class is HKTTrainer else {}
     big = one_update(trainer_class, tmp_path, lm_data, 4, 1, **hkt)
     small = one_update(trainer_class, tmp_path, lm_data, 2, 2, **hkt)
     assert any(not torch.equal(big[k], start[k]) for k in start)
@@ -139,6 +141,57 @@ def test_hkt_with_only_the_native_term_equals_the_plain_trainer(tmp_path, lm_dat
     plain = one_update(Trainer, tmp_path, lm_data, 2, 2)
     hkt = one_update(HKTTrainer, tmp_path, lm_data, 2, 2, hkt_loss_weights=[1.0, 0.0, 0.0])
     assert_same_update(hkt, plain, start)
+
+
+def objective_on(trainer: HKTTrainer, batch: dict, native_replay: bool) -> tuple[torch.Tensor, list[torch.Tensor],
+                                                                              list[tuple[int, ...]]]:
+    """One objective call with the native term replayed from the head or the model's own: the loss, the child's
+    gradients and the shapes of the tensors autograd saved for backward (weights and their views left out)."""
+    child = trainer.model
+    child.train()
+    child.zero_grad()
+    trainer._objective.native_replay = native_replay
+    weights = {p.untyped_storage().data_ptr() for p in [*child.parameters(), *trainer.parent_model.parameters()]}
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in weights:
+            saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = trainer._objective(child, trainer.hkt_adapter, batch, lambda b: trainer._native_loss(b, 7), 7)
+    result.loss.backward()
+    return result.loss.detach(), [p.grad.clone() for p in child.parameters() if p.grad is not None], saved
+
+
+def test_the_native_term_replayed_from_the_head_is_the_models_own_loss_without_vocabulary_tensors(tmp_path, lm_data):
+    """With the LM heads' inputs as carriers, the native term comes from the child's head replayed on its input in
+    chunks: the same loss (here normalised by a `num_items_in_batch` of 7) and gradients as the model's own loss,
+    and no [positions, vocabulary] tensor kept for backward, where the model's own loss keeps its log-softmax."""
+    rows, collator = lm_data
+    trainer = hkt_lm_trainer(tiny_lm("llama", 16, seed=1), tiny_lm("llama", 32, seed=2), tmp_path, lm_data)
+    batch = collator(rows[:4])
+    trainer._ensure_adapter(trainer.model, batch)
+    assert trainer._objective.native_replay
+    replayed = objective_on(trainer, batch, native_replay=True)
+    own = objective_on(trainer, batch, native_replay=False)
+    torch.testing.assert_close(replayed[0], own[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(replayed[1], own[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    vocabulary_sized = [[s for s in saved if len(s) >= 2 and s[-1] == VOCAB] for saved in (replayed[2], own[2])]
+    assert vocabulary_sized[0] == [] and vocabulary_sized[1]
+
+
+@pytest.mark.parametrize("setting", ["label_smoothing", "two_carriers"])
+def test_the_models_own_loss_stays_the_native_term_where_replaying_would_change_it(setting, tmp_path, lm_data):
+    rows, collator = lm_data
+    overrides = dict(label_smoothing_factor=0.1) if setting == "label_smoothing" else dict(
+        hkt_carriers=["auto", LAYER_CARRIERS["llama"]])
+    trainer = hkt_lm_trainer(tiny_lm("llama", 16, seed=1), tiny_lm("llama", 32, seed=2), tmp_path, lm_data,
+                             **overrides)
+    trainer._ensure_adapter(trainer.model, collator(rows[:4]))
+    assert not trainer._objective.native_replay
 
 
 # ---- real positions --------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from transformers import (
 import helpers as H
 from hkt_hf.carriers import resolve_carriers
 from hkt_hf.models import CifarResNetForImageClassification, RaftForOpticalFlow
-from hkt_hf.objective import head_replay_possible, probe
+from hkt_hf.probing import head_replay_possible, probe
 from hkt_hf.tasks import auto_class_for, is_classifier, task_of
 
 BERT = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,

@@ -1,0 +1,80 @@
+"""What one batch tells before training: the carriers' feature shapes, and which terms can be computed from replayed
+heads (the heads replayed on their captured inputs give the models' logits; the child's own loss is the cross-entropy
+of its replayed head). The trainer asks once, when it builds the adapter; the answers choose the passes of
+`HKTObjective`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .carriers import CarrierPair, head_carrier
+from .extraction import FeatureExtractor, FeatureSpec, resolve_module
+from .losses import TOKEN_TASKS, target_labels, token_loss
+from .objective import SEQUENCE_TASKS, forward_inputs
+from .tasks import task_of
+
+
+def head_replay_possible(carriers: list[CarrierPair], parent: nn.Module, child: nn.Module) -> bool:
+    """True when the only carrier is the input of both prediction heads of two models of the same (classification
+    or token) task, so replaying the heads on m gives L_c* and L_p*."""
+    task = task_of(child)
+    if len(carriers) != 1 or task not in TOKEN_TASKS | SEQUENCE_TASKS or task_of(parent) != task:
+        return False
+    try:
+        return carriers[0] == head_carrier(parent, child)
+    except ValueError:
+        return False
+
+
+@torch.no_grad()
+def probe(
+    parent: nn.Module, child: nn.Module, carriers: list[CarrierPair], inputs: dict[str, Any], replay: bool
+) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]], bool]:
+    """Per-sample carrier shapes of parent and child on one batch, in eval mode (no batch-norm update).
+
+    Also confirms that replaying a head on its captured input gives the model's logits; if it does not (the model
+    post-processes its head output, e.g. picks one token's logits), the caller must use full passes instead.
+    """
+    shapes, replay_ok = [], replay
+    for model, specs, role in ((parent, [c.parent for c in carriers], "parent"),
+                               (child, [c.child for c in carriers], "child")):
+        modes = {module: module.training for module in model.modules()}  # per module: keeps a train-bn parent
+        model.eval()
+        try:
+            with FeatureExtractor(model, specs, role=role) as ext:
+                out = model(**forward_inputs(model, inputs))
+            if replay_ok:
+                replayed, logits = resolve_module(model, specs[0].module)(ext.features[0]).float(), out.logits.float()
+                replay_ok = replayed.shape == logits.shape and torch.allclose(replayed, logits, atol=1e-5, rtol=1e-4)
+        finally:
+            for module, training in modes.items():
+                module.training = training
+        missing = [str(specs[i]) for i in range(len(specs)) if i not in ext.features]
+        if missing:
+            raise ValueError(f"The {role} forward pass never ran carrier module(s) {missing}; pick modules it uses.")
+        shapes.append([tuple(ext.features[i].shape[1:]) for i in range(len(specs))])
+    return shapes[0], shapes[1], replay_ok
+
+
+@torch.no_grad()
+def own_loss_replayable(child: nn.Module, head: FeatureSpec, inputs: dict[str, Any]) -> bool:
+    """Whether the child's own loss on `inputs` is the token cross-entropy of its head replayed on the head's input
+    (no auxiliary terms, no post-processing), so the native term can be computed from that input in chunks."""
+    if task_of(child) not in TOKEN_TASKS:
+        return False
+    modes = {module: module.training for module in child.modules()}
+    child.eval()
+    try:
+        with FeatureExtractor(child, [head], role="child") as ext:
+            out = child(**forward_inputs(child, inputs), labels=inputs["labels"])
+        replayed = token_loss(resolve_module(child, head.module), ext.features[0],
+                              target_labels(child, inputs["labels"]))
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    own = getattr(out, "loss", None)
+    return own is not None and torch.allclose(replayed, own.float(), atol=1e-6, rtol=1e-5)
