@@ -273,14 +273,13 @@ def report(result: dict[str, Any]) -> str:
         rows.append(f"| {name} | {t:.3f} | {t / peer_s:.2f} | {mib:.1f} | {mib / peer_mib:.2f} | "
                     f"{result['saved_vocab_tensors'][name]} |")
     missed = missed_targets(result, TARGETS)
-    if "hkt_lm_head" in result["saved_mib"]:
-        child, hkt = result["saved_mib"]["child"], result["saved_mib"]["hkt_lm_head"]
-        rows += ["", f"Memory of `hkt_lm_head`: the child's own loss, which HKT keeps as its native term (the Trainer's "
-                 f"loss, with label smoothing or `compute_loss_func` if set), already keeps {child:.1f} MiB "
-                 f"({child / peer_mib:.2f} x GKD, its fp32 log-softmax over the vocabulary); the replayed heads add "
-                 f"{hkt - child:.1f} MiB (their gradients with respect to the heads' inputs and the child head's "
-                 "weight, computed in forward). A `saved_mib_hkt_lm_over_peer` target below the child's own ratio "
-                 "can only be met by replacing the child's own loss."]
+    if "hkt_kd" in result["saved_mib"]:
+        rows += ["", "With LM-head carriers (`hkt_lm_head`, and `hkt_kd`, whose carrier is the head's input too) the "
+                 "child's own cross-entropy is computed from its head replayed on the head's input in chunks (checked "
+                 "on the first batch to be the model's own loss), so, unlike the plain child's loss, it keeps no "
+                 "[positions, vocabulary] log-probabilities for backward; the replayed heads keep their gradients "
+                 "(computed in forward), and KD keeps only its gradient, one logits-sized tensor. The price is one "
+                 "more head projection per step: the child's forward still computes its logits."]
     if missed:
         rows += ["", "Targets missed: " + "; ".join(missed) + ". Where each step's time goes (seconds per step, share; "
                  "TRL's chunked projection and the rest of backward, loss terms, gates and Python are in the last "
