@@ -6,6 +6,8 @@ of its replayed head). The trainer asks once, when it builds the adapter; the an
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -30,6 +32,19 @@ def head_replay_possible(carriers: list[CarrierPair], parent: nn.Module, child: 
         return False
 
 
+@contextmanager
+def in_eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode for the block (no dropout, no batch-norm update); each module's own mode is restored after,
+    which keeps a `train-bn` parent's batch-norm layers as they were."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 @torch.no_grad()
 def probe(
     parent: nn.Module, child: nn.Module, carriers: list[CarrierPair], inputs: dict[str, Any], replay: bool
@@ -42,17 +57,11 @@ def probe(
     shapes, replay_ok = [], replay
     for model, specs, role in ((parent, [c.parent for c in carriers], "parent"),
                                (child, [c.child for c in carriers], "child")):
-        modes = {module: module.training for module in model.modules()}  # per module: keeps a train-bn parent
-        model.eval()
-        try:
-            with FeatureExtractor(model, specs, role=role) as ext:
-                out = model(**forward_inputs(model, inputs))
+        with in_eval_mode(model), FeatureExtractor(model, specs, role=role) as ext:
+            out = model(**forward_inputs(model, inputs))
             if replay_ok:
                 replayed, logits = resolve_module(model, specs[0].module)(ext.features[0]).float(), out.logits.float()
                 replay_ok = replayed.shape == logits.shape and torch.allclose(replayed, logits, atol=1e-5, rtol=1e-4)
-        finally:
-            for module, training in modes.items():
-                module.training = training
         missing = [str(specs[i]) for i in range(len(specs)) if i not in ext.features]
         if missing:
             raise ValueError(f"The {role} forward pass never ran carrier module(s) {missing}; pick modules it uses.")
@@ -66,15 +75,9 @@ def own_loss_replayable(child: nn.Module, head: FeatureSpec, inputs: dict[str, A
     (no auxiliary terms, no post-processing), so the native term can be computed from that input in chunks."""
     if task_of(child) not in TOKEN_TASKS:
         return False
-    modes = {module: module.training for module in child.modules()}
-    child.eval()
-    try:
-        with FeatureExtractor(child, [head], role="child") as ext:
-            out = child(**forward_inputs(child, inputs), labels=inputs["labels"])
+    with in_eval_mode(child), FeatureExtractor(child, [head], role="child") as ext:
+        out = child(**forward_inputs(child, inputs), labels=inputs["labels"])
         replayed = token_loss(resolve_module(child, head.module), ext.features[0],
                               target_labels(child, inputs["labels"]))
-    finally:
-        for module, training in modes.items():
-            module.training = training
     own = getattr(out, "loss", None)
     return own is not None and torch.allclose(replayed, own.float(), atol=1e-6, rtol=1e-5)
