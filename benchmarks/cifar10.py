@@ -252,6 +252,9 @@ def markdown_table(results: dict[str, Any]) -> str:
         "",
         commands_line(results["commands"]),
     ]
+    for note in sorted({run["note"] for run in results["runs"].values() if "note" in run}):
+        keys = sorted(key for key, run in results["runs"].items() if run.get("note") == note)
+        lines += ["", f"{', '.join(f'`{k}`' for k in keys)}: {note}"]
     return "\n".join(lines)
 
 
