@@ -44,9 +44,6 @@ from .mixture import GateOutput, masked_mean
 from .tasks import reads_last_token, task_of
 from .transfer import match_size
 
-# Tasks with one target per sample; their heads (like those of TOKEN_TASKS) can be replayed on m.
-SEQUENCE_TASKS = frozenset({"text-classification", "image-classification", "audio-classification",
-                            "video-classification"})
 NativeLoss = Callable[[dict[str, Any]], tuple[torch.Tensor, Any]]
 
 

@@ -16,8 +16,12 @@ from torch import nn
 from .carriers import CarrierPair, head_carrier
 from .extraction import FeatureExtractor, FeatureSpec, resolve_module
 from .losses import TOKEN_TASKS, target_labels, token_loss
-from .objective import SEQUENCE_TASKS, forward_inputs
+from .objective import forward_inputs
 from .tasks import task_of
+
+# Tasks with one target per sample; their heads (like those of TOKEN_TASKS) can be replayed on m.
+SEQUENCE_TASKS = frozenset({"text-classification", "image-classification", "audio-classification",
+                            "video-classification"})
 
 
 def head_replay_possible(carriers: list[CarrierPair], parent: nn.Module, child: nn.Module) -> bool:

@@ -23,14 +23,13 @@ from transformers.utils import logging
 from .adapter import HKTAdapter, get_adapter, inject_adapter, load_adapter_state, remove_adapter, save_adapter_state
 from .carriers import resolve_carriers
 from .checkpointing import CheckpointCommitCallback, resolve_resume_checkpoint
+from .extraction import base_of
 from .lineage import lineage_record, write_lineage
 from .model_card import TAGS, add_lineage_to_card
 from .objective import HKTObjective, NonFiniteLossError, StepResult
-
-from .probing import head_replay_possible, own_loss_replayable, probe
 from .parent import check_compatible, check_finite_weights, frozen, load_parent
+from .probing import head_replay_possible, own_loss_replayable, probe
 from .sharding import place_parent, release_parent_leftovers
-from .extraction import base_of
 from .tasks import auto_class_for, task_of
 from .training_args import HKTTrainingArguments
 from .transformers_workarounds import ResumeWithWeightConversion
