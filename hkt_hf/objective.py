@@ -41,6 +41,7 @@ from .losses import (
     token_loss_sum,
 )
 from .mixture import GateOutput, masked_mean
+from .parent import shared_vocabulary
 from .tasks import reads_last_token, task_of
 from .transfer import match_size
 
@@ -87,7 +88,8 @@ def forward_inputs(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
     out = model_inputs(inputs)
     base = base_of(model)
     prepare = getattr(base, "prepare_decoder_input_ids_from_labels", None)
-    if getattr(base.config, "is_encoder_decoder", False) and "decoder_input_ids" not in out and callable(prepare):
+    if (getattr(base.config, "is_encoder_decoder", False) and "decoder_input_ids" not in out and callable(prepare)
+            and "labels" in inputs):
         out["decoder_input_ids"] = prepare(labels=inputs["labels"])
     return out
 
@@ -177,6 +179,7 @@ class HKTObjective:
         # (which keeps [positions, vocabulary] log-probabilities for backward); only where the trainer has checked
         # that the two are the same loss (`own_loss_replayable`, no label smoothing or custom loss function).
         self.native_replay = native_replay
+        self.grad_path_checked = False  # the child's carriers are checked for a gradient path in the first step
 
     @property
     def weights(self) -> tuple[float, float, float]:
@@ -189,8 +192,8 @@ class HKTObjective:
     ) -> StepResult:
         """`native(inputs) -> (loss, outputs)` is the Trainer's own loss on the child (normalised by
         `num_items_in_batch` when that is given, as the Trainer normalises it)."""
-        if "labels" not in inputs:
-            raise ValueError("HKT needs labels in every training batch: each of its loss terms uses the ground truth.")
+        if "labels" not in inputs or count_items(child, inputs["labels"]) == 0:
+            return self._without_items(inputs, native)
         _, w1, w2 = self.weights
         kd = self.args.hkt_kd_weight > 0
         mixing = w1 > 0 or w2 > 0
@@ -198,7 +201,9 @@ class HKTObjective:
         if kd or (mixing and (self.replay or w2 == 0)):  # the plain parent pass, first
             parent_out, h = self._parent_pass(inputs, capture=mixing)
         specs = [c.child for c in self.carriers] if mixing or self.native_replay else []
-        with FeatureExtractor(child, specs, role="child") as ext:
+        check = torch.is_grad_enabled() and not self.grad_path_checked
+        self.grad_path_checked |= check
+        with FeatureExtractor(child, specs, role="child", check_grad_path=check) as ext:
             if self.native_replay:
                 outputs = child(**forward_inputs(child, inputs))
             else:
@@ -211,7 +216,8 @@ class HKTObjective:
             step = self._replay_heads if self.replay else self._truncated_passes
             terms, gates = step(child, adapter, inputs, q, h)
         if kd:
-            terms["kd"] = kd_loss(prediction(outputs), prediction(parent_out), self.args.hkt_kd_temperature,
+            terms["kd"] = kd_loss(*shared_vocabulary(prediction(outputs), prediction(parent_out)),
+                                  self.args.hkt_kd_temperature,
                                   self.args.hkt_kd_loss, target_mask(child, inputs["labels"]))
         result = self._combine(child, inputs, native_loss, outputs, terms, num_items_in_batch)
         result.gates = {str(c): gates[i] for i, c in enumerate(self.carriers) if i in gates}
@@ -219,6 +225,16 @@ class HKTObjective:
         if not torch.isfinite(result.loss):
             raise NonFiniteLossError(describe_nonfinite(result.parts, q, h, gates, self.carriers))
         return result
+
+    @staticmethod
+    def _without_items(inputs: dict[str, Any], native: NativeLoss) -> StepResult:
+        """A batch without labels, or whose labels are all -100 (or with no rows): the HKT terms, sums over its
+        items, are 0, so the step is the plain Trainer's own (its loss, or its error, e.g. for a model that returns
+        no loss without labels)."""
+        loss, outputs = native(dict(inputs))
+        if "labels" not in inputs:
+            raise ValueError("HKT needs labels in every training batch: each of its loss terms uses the ground truth.")
+        return StepResult(loss, outputs, {"native": loss.detach().float()})
 
     def _combine(self, child: nn.Module, inputs: dict[str, Any], native_loss: torch.Tensor, outputs: Any,
                  terms: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None) -> StepResult:

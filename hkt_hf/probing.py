@@ -57,30 +57,33 @@ def probe(
 
     Also confirms that replaying a head on its captured input gives the model's logits; if it does not (the model
     post-processes its head output, e.g. picks one token's logits), the caller must use full passes instead.
+    The child runs first: a batch it cannot take (e.g. an empty one) fails with the error the plain Trainer gives.
     """
-    shapes, replay_ok = [], replay
-    for model, specs, role in ((parent, [c.parent for c in carriers], "parent"),
-                               (child, [c.child for c in carriers], "child")):
-        with in_eval_mode(model), FeatureExtractor(model, specs, role=role) as ext:
-            out = model(**forward_inputs(model, inputs))
-            if replay_ok:
+    shapes, replay_ok = {}, replay
+    for model, specs, role in ((child, [c.child for c in carriers], "child"),
+                               (parent, [c.parent for c in carriers], "parent")):
+        with in_eval_mode(model):
+            with FeatureExtractor(model, specs, role=role) as ext:
+                out = model(**forward_inputs(model, inputs))
+            if replay_ok and 0 in ext.features:  # the head replayed after the pass, which must run it once
                 replayed, logits = resolve_module(model, specs[0].module)(ext.features[0]).float(), out.logits.float()
                 replay_ok = replayed.shape == logits.shape and torch.allclose(replayed, logits, atol=1e-5, rtol=1e-4)
         missing = [str(specs[i]) for i in range(len(specs)) if i not in ext.features]
         if missing:
             raise ValueError(f"The {role} forward pass never ran carrier module(s) {missing}; pick modules it uses.")
-        shapes.append([tuple(ext.features[i].shape[1:]) for i in range(len(specs))])
-    return shapes[0], shapes[1], replay_ok
+        shapes[role] = [tuple(ext.features[i].shape[1:]) for i in range(len(specs))]
+    return shapes["parent"], shapes["child"], replay_ok
 
 
 @torch.no_grad()
 def own_loss_replayable(child: nn.Module, head: FeatureSpec, inputs: dict[str, Any]) -> bool:
     """Whether the child's own loss on `inputs` is the token cross-entropy of its head replayed on the head's input
     (no auxiliary terms, no post-processing), so the native term can be computed from that input in chunks."""
-    if task_of(child) not in TOKEN_TASKS:
+    if task_of(child) not in TOKEN_TASKS or "labels" not in inputs:
         return False
-    with in_eval_mode(child), FeatureExtractor(child, [head], role="child") as ext:
-        out = child(**forward_inputs(child, inputs), labels=inputs["labels"])
+    with in_eval_mode(child):
+        with FeatureExtractor(child, [head], role="child") as ext:
+            out = child(**forward_inputs(child, inputs), labels=inputs["labels"])
         replayed = token_loss(resolve_module(child, head.module), ext.features[0],
                               target_labels(child, inputs["labels"]))
     own = getattr(out, "loss", None)

@@ -5,8 +5,8 @@ through its own `deepspeed.initialize` (no optimizer), as TRL prepares teachers 
 under FSDP2 it is `fully_shard`-ed by Accelerate's own `fsdp2_prepare_model`, in the units the run uses for the child.
 Either way every process keeps a slice of each parameter and the module hooks of ZeRO-3 / FSDP2 gather a module's
 parameters for its forward, so the carrier hooks, the head replay and its backward work on the sharded parent
-unchanged. Other runs prepare the parent the way Accelerate prepares a model for evaluation (device, mixed-precision
-forward).
+unchanged. Other runs place the parent whole on the run's device and nothing else: no Accelerate wrapper or
+instance-level `forward` is added to the user's object (the objective runs it under the run's autocast already).
 """
 
 from __future__ import annotations
@@ -69,16 +69,22 @@ def shard_with_fsdp2(parent: nn.Module, accelerator: Accelerator) -> nn.Module:
     return parent
 
 
+def place_whole(parent: nn.Module, device: Any) -> nn.Module:
+    """The parent on `device`, unless it was dispatched with a `device_map` (big or quantised models), which stays
+    where it was put. Accelerate's `prepare_model(evaluation_mode=True)` is not used: under bf16 / fp16 it replaces the
+    instance's `forward` with an autocast wrapper that outlives the run (later plain calls, or a trainer in another
+    precision sharing the parent, would run in this run's precision)."""
+    return parent if getattr(parent, "hf_device_map", None) else parent.to(device)
+
+
 def place_parent(parent: nn.Module, accelerator: Accelerator, device: Any) -> tuple[nn.Module, Any]:
-    """Shard `parent` under ZeRO-3 or FSDP2; place it whole on `device` under ZeRO-1/2; otherwise prepare it with
-    Accelerate for evaluation. Returns the module itself (carriers name its modules) and, under ZeRO-3, the engine
-    that owns its partitions and hooks (to be kept alive as long as the parent is used), else None."""
+    """Shard `parent` under ZeRO-3 or FSDP2; otherwise place it whole on `device`. Returns the module itself (carriers
+    name its modules) and, under ZeRO-3, the engine that owns its partitions and hooks (to be kept alive as long as
+    the parent is used), else None."""
     if getattr(accelerator, "is_fsdp2", False):
         return shard_with_fsdp2(parent, accelerator), None
-    if accelerator.state.deepspeed_plugin is None:
-        return accelerator.prepare_model(parent, evaluation_mode=True), None
     if zero_stage(accelerator) != 3:
-        return parent.to(device), None
+        return place_whole(parent, device), None
     import deepspeed
 
     config = parent_zero3_config(accelerator.state.deepspeed_plugin.deepspeed_config, parent)

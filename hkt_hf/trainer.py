@@ -27,7 +27,7 @@ from .extraction import base_of
 from .lineage import lineage_record, write_lineage
 from .model_card import TAGS, add_lineage_to_card
 from .objective import HKTObjective, NonFiniteLossError, StepResult
-from .parent import check_compatible, check_finite_weights, frozen, load_parent
+from .parent import check_compatible, check_finite_weights, check_vocabularies, frozen, load_parent
 from .probing import head_replay_possible, own_loss_replayable, probe
 from .sharding import place_parent, release_parent_leftovers
 from .tasks import auto_class_for, task_of
@@ -118,6 +118,7 @@ class HKTTrainer(ResumeWithWeightConversion):
         self.parent_name = parent_name or type(base_of(parent)).__name__
         check_finite_weights(parent, self.parent_name)
         check_compatible(parent, self.model)
+        check_vocabularies(parent, self.model, self.processing_class, parent_name, self.args.hkt_parent_revision)
         self.carriers = resolve_carriers(self.args.hkt_carriers, parent, self.model)
         # Under ZeRO-3 `parent_engine` owns the parent's partitions and gather hooks; None otherwise.
         self.parent_model, self.parent_engine = place_parent(parent, self.accelerator, self.args.device)

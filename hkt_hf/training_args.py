@@ -224,9 +224,15 @@ def is_hub_id(name: str) -> bool:
 
 
 def check_parent_path(parent: str | None, output_dir: str | None) -> None:
-    """Refuse a parent path that does not exist, and an `output_dir` that would overwrite the parent on save."""
+    """Refuse a parent path that does not exist or is a file, and an `output_dir` that would overwrite the parent on
+    save."""
     if parent is None:
         return
+    if os.path.isfile(parent):
+        raise ValueError(
+            f"hkt_parent={parent!r} is a file: the parent must be a folder or a Hub id, not a file. Give the folder "
+            "that holds its config.json (and weights), e.g. the folder save_pretrained() wrote."
+        )
     if not os.path.exists(parent) and not is_hub_id(parent):
         raise ValueError(
             f"hkt_parent={parent!r} is neither an existing local folder nor a Hub repo id ('org/name'). Check the "
