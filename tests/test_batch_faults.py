@@ -1,0 +1,185 @@
+"""Odd batches take the plain Trainer's step (docs/reliability.md, "Carriers and batches"): a batch with no rows, one
+without `labels`, or one whose labels are all -100 gives what `transformers.Trainer` gives on the same child and
+batch (its error, or its zero-gradient step and logged loss), also under gradient accumulation; and what a batch
+skipped by `hkt_on_nonfinite="skip"` really does to the weights, Adam's moments, the schedule and the logs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+import helpers as H
+from hkt_hf import HKTTrainer
+
+VOCAB = len(H.word_tokenizer())
+TOKENS = [2, 4, 5, 6, 7, 3]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with H.one_torch_thread():
+        yield
+
+
+def llama(hidden: int) -> nn.Module:
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                        max_position_embeddings=32, pad_token_id=0, bos_token_id=2, eos_token_id=3))
+
+
+def gpt2(hidden: int) -> nn.Module:
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=1, n_head=2, n_positions=32,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=2,
+                                      eos_token_id=3))
+
+
+def bert_mlm(hidden: int) -> nn.Module:
+    return BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=2 * hidden, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.0))
+
+
+MODELS = {"llama": llama, "gpt2": gpt2, "bert-mlm": bert_mlm,
+          "bert-classifier": lambda hidden: H.tiny_bert(hidden, VOCAB, seed=hidden)}
+
+
+def model(kind: str, hidden: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return MODELS[kind](hidden)
+
+
+def collator(kind: str, fault: str):
+    """Batches of `TOKENS` rows; a row `{"fault": True}` (or every row, for a `fault` other than "mixed") is made
+    faulty: no rows, no `labels`, or labels all -100."""
+
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        faulty = fault != "mixed" or rows[0]["fault"]
+        ids = torch.tensor([TOKENS] * len(rows))
+        labels = torch.zeros(len(rows), dtype=torch.long) if kind == "bert-classifier" else ids.clone()
+        if faulty and fault == "ignored":
+            labels = torch.full_like(labels, -100)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        if faulty and fault == "empty":
+            batch = {key: value[:0] for key, value in batch.items()}
+        if faulty and fault == "no-labels":
+            del batch["labels"]
+        return batch
+
+    return collate
+
+
+def run(trainer_class: type, kind: str, fault: str, tmp_path, rows: list[dict] | None = None, accumulation: int = 1,
+        **hkt) -> tuple[str | None, list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Train a fresh child for 2 steps (or 1 with `rows`); returns the error (type and message, or None), the logged
+    losses, and the child's weights before and after."""
+    child = model(kind, 16, seed=1)
+    before = {k: v.detach().clone() for k, v in child.state_dict().items()}
+    common = dict(output_dir=str(tmp_path / trainer_class.__name__), use_cpu=True, report_to="none", disable_tqdm=True,
+                  seed=0, save_strategy="no", per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
+                  max_steps=1 if rows else 2, learning_rate=1e-2, remove_unused_columns=False, logging_steps=1,
+                  train_sampling_strategy="sequential")
+    data = rows if rows is not None else [{"fault": True}] * 16
+    kwargs = dict(train_dataset=data, data_collator=collator(kind, fault if rows is None else "mixed"))
+    if trainer_class is HKTTrainer:
+        trainer = HKTTrainer(child, H.training_args(**common, **hkt), parent_model=model(kind, 32, seed=2), **kwargs)
+    else:
+        trainer = Trainer(child, TrainingArguments(**common), **kwargs)
+    try:
+        trainer.train()
+        error = None
+    except Exception as err:  # noqa: BLE001 - the test compares whatever the plain Trainer raises
+        error = f"{type(err).__name__}: {err}"
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    return error, losses, before, {k: v.detach().clone() for k, v in child.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("fault, accumulation", [("empty", 1), ("no-labels", 1), ("ignored", 1), ("ignored", 2)])
+def test_a_batch_without_items_behaves_as_in_the_plain_trainer(kind, fault, accumulation, tmp_path):
+    plain_error, plain_losses, plain_before, plain_after = run(Trainer, kind, fault, tmp_path, accumulation=accumulation)
+    error, losses, before, after = run(HKTTrainer, kind, fault, tmp_path, accumulation=accumulation,
+                                       hkt_kd_weight=0.5)
+    assert error == plain_error  # the same standard error (raised by the child, not by the parent), or none
+    assert losses == plain_losses
+    if plain_error is None:  # a zero-gradient step: nothing moved, in either
+        assert all(torch.equal(plain_before[k], v) for k, v in plain_after.items())
+        assert all(torch.equal(before[k], v) for k, v in after.items())
+        assert losses and all(loss == 0.0 for loss in losses)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert-classifier"])
+def test_an_accumulated_batch_whose_labels_are_all_ignored_adds_nothing(kind, tmp_path):
+    """Micro-batches A (real) + B (labels all -100) in one step give the step of A alone, as in the plain Trainer."""
+    real, ignored = [{"fault": False}] * 4, [{"fault": True}] * 4
+    for trainer_class in (Trainer, HKTTrainer):
+        _, both_losses, start, both = run(trainer_class, kind, "ignored", tmp_path / "both", real + ignored,
+                                          accumulation=2)
+        _, alone_losses, _, alone = run(trainer_class, kind, "ignored", tmp_path / "alone", real)
+        assert any(not torch.equal(start[k], v) for k, v in alone.items())
+        for key, value in alone.items():
+            torch.testing.assert_close(both[key], value, rtol=1e-5, atol=1e-7, msg=f"{trainer_class.__name__} {key}")
+        assert both_losses == pytest.approx(alone_losses, rel=1e-5)
+
+
+# ---- what a skipped batch does ------------------------------------------------------------------------------------
+
+
+class NaNParentAt(TrainerCallback):
+    """Makes the parent's pooled feature NaN at training step `step` (after the shape probe); records, after each
+    optimizer step, the child's weights, AdamW's state and the learning rate."""
+
+    def __init__(self, module: nn.Module, step: int):
+        self.step, self.state, self.seen = step, None, {}
+        self.handle = module.register_forward_hook(self.hook)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.state = state
+
+    def hook(self, module, args, output):
+        if self.state is not None and self.state.global_step + 1 == self.step:
+            return output * float("nan")
+        return None
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        adam = [optimizer.state[p] for p in model.parameters() if p in optimizer.state]
+        self.seen[state.global_step] = dict(
+            weights=torch.cat([p.detach().flatten() for p in model.parameters()]).clone(),
+            exp_avg=torch.cat([s["exp_avg"].flatten() for s in adam]).clone(),
+            exp_avg_sq=torch.cat([s["exp_avg_sq"].flatten() for s in adam]).clone(),
+            adam_steps={float(s["step"]) for s in adam}, lr=lr_scheduler.get_last_lr()[0])
+
+
+def test_a_skipped_step_moves_no_weight_nor_adam_moment_but_the_schedule_and_counters_advance(tmp_path):
+    """With weight decay and momentum: every parameter's gradient is None on a skipped step (the Trainer sets
+    gradients to None after each step), and AdamW leaves such parameters alone: no weight decay, no momentum
+    update, no step count. The scheduler and `global_step` still advance; the step logs loss 0."""
+    child, parent = H.tiny_resnet(8), H.tiny_resnet(16, seed=1)
+    nan = NaNParentAt(parent.resnet.pooler, step=3)
+    args = H.training_args(tmp_path, max_steps=4, per_device_train_batch_size=4, optim="adamw_torch",
+                           weight_decay=0.1, lr_scheduler_type="linear", hkt_on_nonfinite="skip",
+                           remove_unused_columns=False)
+    trainer = HKTTrainer(child, args, train_dataset=H.image_dataset(32), parent_model=parent, callbacks=[nan])
+    trainer.train()
+    nan.handle.remove()
+    seen = nan.seen
+    assert trainer.hkt_skipped_batches == 1 and trainer.state.global_step == 4
+    for key in ("weights", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(seen[3][key], seen[2][key]), key  # the skipped step
+        assert not torch.equal(seen[4][key], seen[3][key]), key  # the next one trains
+    assert seen[2]["adam_steps"] == seen[3]["adam_steps"] == {2.0} and seen[4]["adam_steps"] == {3.0}
+    assert seen[1]["lr"] > seen[2]["lr"] > seen[3]["lr"] > seen[4]["lr"]  # the schedule steps on regardless
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert [log["step"] for log in logs] == [1, 2, 3, 4]
+    assert logs[2]["loss"] == 0.0 and logs[2]["hkt/skipped_batches"] == 1 and logs[1]["loss"] > 0
