@@ -1,14 +1,20 @@
-"""Odd batches take the plain Trainer's step (docs/reliability.md, "Carriers and batches"): a batch with no rows, one
-without `labels`, or one whose labels are all -100 gives what `transformers.Trainer` gives on the same child and
-batch (its error, or its zero-gradient step and logged loss), also under gradient accumulation; and what a batch
-skipped by `hkt_on_nonfinite="skip"` really does to the weights, Adam's moments, the schedule and the logs."""
+"""Carriers and batches (docs/reliability.md, "Carriers and batches"): a carrier module that runs several times in
+one pass, or whose output has no gradient path while trainable modules run before it, is refused, naming it; odd
+batches take the plain Trainer's step: a batch with no rows, one without `labels`, or one whose labels are all -100
+gives what `transformers.Trainer` gives on the same child and batch (its error, or its zero-gradient step and logged
+loss), also under gradient accumulation; and what a batch skipped by `hkt_on_nonfinite="skip"` really does to the
+weights, Adam's moments, the schedule and the logs."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 from torch import nn
 from transformers import (
+    AlbertConfig,
+    AlbertForSequenceClassification,
     BertConfig,
     BertForMaskedLM,
     GPT2Config,
@@ -22,6 +28,8 @@ from transformers import (
 
 import helpers as H
 from hkt_hf import HKTTrainer
+from hkt_hf.extraction import CarrierError, FeatureExtractor, FeatureSpec
+from test_parent_faults import tokenized
 
 VOCAB = len(H.word_tokenizer())
 TOKENS = [2, 4, 5, 6, 7, 3]
@@ -135,6 +143,128 @@ def test_an_accumulated_batch_whose_labels_are_all_ignored_adds_nothing(kind, tm
             torch.testing.assert_close(both[key], value, rtol=1e-5, atol=1e-7, msg=f"{trainer_class.__name__} {key}")
         ratios.append(both_losses[0] / alone_losses[0])
     assert ratios[1] == pytest.approx(ratios[0], rel=1e-5)
+
+
+# ---- carriers that run several times in one pass ------------------------------------------------------------------
+
+
+def albert(hidden: int, seed: int) -> AlbertForSequenceClassification:
+    """Two layers that are one shared module, as in every ALBERT."""
+    torch.manual_seed(seed)
+    return AlbertForSequenceClassification(AlbertConfig(
+        vocab_size=VOCAB, embedding_size=16, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0))
+
+
+def text_trainer(tmp_path, child: nn.Module, parent: nn.Module, carriers: list[str], **args) -> HKTTrainer:
+    return HKTTrainer(child, H.training_args(tmp_path, hkt_carriers=carriers, max_steps=2, **args),
+                      train_dataset=tokenized(16), parent_model=parent)
+
+
+ALBERT_LAYER = "albert.encoder.albert_layer_groups.0.albert_layers.0"
+
+
+@pytest.mark.parametrize("side", ["child", "parent"])
+def test_a_shared_albert_layer_as_carrier_is_refused_before_the_first_step(side, tmp_path):
+    child, parent = albert(16, seed=1), albert(32, seed=2)
+    other = "albert.pooler"  # runs once
+    carrier = f"{ALBERT_LAYER}={other}" if side == "parent" else f"{other}={ALBERT_LAYER}"
+    trainer = text_trainer(tmp_path, child, parent, [carrier])
+    start = {k: v.clone() for k, v in child.state_dict().items()}
+    with pytest.raises(CarrierError, match=rf"The {side}'s carrier module '{ALBERT_LAYER}' ran 2 times in one forward "
+                                           r"pass: it is a shared module .* Pick a module that runs once"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and all(torch.equal(start[k], v) for k, v in child.state_dict().items())
+    assert H.hooked_modules(child) == [] and H.hooked_modules(parent) == []
+
+
+def test_a_layer_called_twice_in_a_bert_is_refused(tmp_path):
+    child = H.tiny_bert(16, VOCAB, layers=2, seed=1)
+    child.bert.encoder.layer[1] = child.bert.encoder.layer[0]  # one module in two places
+    trainer = text_trainer(tmp_path, child, H.tiny_bert(32, VOCAB, layers=2, seed=2),
+                           ["bert.encoder.layer.1=bert.encoder.layer.0"])
+    with pytest.raises(CarrierError, match=r"The child's carrier module 'bert.encoder.layer.0' ran 2 times"):
+        trainer.train()
+
+
+def test_every_pass_counts_calls_and_replaces_only_the_first():
+    """The count covers any pass (probe, parent, child, truncated): a module called 3 times is named with 3, and a
+    replacement never lands on a later call."""
+    layer = nn.Linear(4, 4)
+    seen = []
+
+    def replace(index: int, feature: torch.Tensor) -> torch.Tensor:
+        seen.append(feature)
+        return torch.zeros_like(feature)
+
+    with pytest.raises(CarrierError, match=r"module '' ran 3 times"):
+        with FeatureExtractor(layer, [FeatureSpec("")], replace, role="child"):
+            x = torch.ones(1, 4)
+            for _ in range(3):
+                x = layer(x)
+    assert len(seen) == 1 and H.hooked_modules(layer) == []
+    with pytest.raises(KeyError):  # an error inside the block is not masked by the count
+        with FeatureExtractor(layer, [FeatureSpec("")], role="child"):
+            layer(layer(torch.ones(1, 4)))
+            raise KeyError("inner")
+
+
+# ---- carriers without a gradient path ------------------------------------------------------------------------------
+
+
+def without_grad(module: nn.Module, how: str) -> None:
+    """Make `module` give an output that carries no gradient: run under torch.no_grad(), or detached."""
+    original = module.forward
+
+    def forward(*args, **kwargs):
+        if how == "no_grad":
+            with torch.no_grad():
+                return original(*args, **kwargs)
+        out = original(*args, **kwargs)
+        return (out[0].detach(), *out[1:]) if isinstance(out, tuple) else out.detach()
+
+    module.forward = forward
+
+
+@pytest.mark.parametrize("how", ["no_grad", "detach"])
+def test_a_carrier_without_gradient_path_below_trainable_modules_is_refused_at_the_first_step(how, tmp_path):
+    child = H.tiny_bert(16, VOCAB, layers=2, seed=1)
+    without_grad(child.bert.encoder.layer[0], how)
+    start = {k: v.clone() for k, v in child.state_dict().items()}
+    trainer = text_trainer(tmp_path, child, H.tiny_bert(32, VOCAB, layers=2, seed=2),
+                           ["bert.encoder.layer.0=bert.encoder.layer.0"])
+    with pytest.raises(CarrierError, match=r"The output of the child's carrier module 'bert.encoder.layer.0' .* does "
+                                           r"not require grad .* trainable modules run before it "
+                                           r"\(bert.embeddings.word_embeddings, "):
+        trainer.train()
+    assert trainer.state.global_step == 0 and all(torch.equal(start[k], v) for k, v in child.state_dict().items())
+
+
+def frozen_embeddings(child: nn.Module) -> tuple[nn.Module, list[str]]:
+    child.bert.embeddings.requires_grad_(False)
+    return child, ["bert.embeddings=bert.embeddings"]
+
+
+def lora_on_the_last_layer(child: nn.Module) -> tuple[nn.Module, list[str]]:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(task_type="SEQ_CLS", r=2, target_modules=r".*layer\.1\.attention\.self\.(query|value)")
+    return get_peft_model(child, config), ["bert.encoder.layer.0=bert.encoder.layer.0"]
+
+
+@pytest.mark.parametrize("setup", [frozen_embeddings, lora_on_the_last_layer], ids=["frozen-stem", "lora"])
+def test_a_carrier_before_every_trainable_parameter_trains_the_parts_downstream(setup, tmp_path):
+    """Its feature needs no gradient (nothing upstream learns); the HKT terms still reach what lies after it."""
+    child, carriers = setup(H.tiny_bert(16, VOCAB, layers=2, seed=1))
+    trainable = {n: p.detach().clone() for n, p in child.named_parameters() if p.requires_grad}
+    trainer = text_trainer(tmp_path, child, H.tiny_bert(32, VOCAB, layers=2, seed=2), carriers,
+                           hkt_loss_weights=[0.0, 1.0, 1.0])
+    trainer.train()
+    moved = {n for n, p in child.named_parameters() if n in trainable and not torch.equal(trainable[n], p)}
+    assert any("layer.1" in n for n in moved), moved  # reached only through the mixed feature: native weight 0
+    log = trainer.state.log_history[0]
+    assert math.isfinite(log["hkt/loss_child_mixed"]) and math.isfinite(log["hkt/loss_parent_head"])
 
 
 # ---- what a skipped batch does ------------------------------------------------------------------------------------
