@@ -99,7 +99,7 @@ class FeatureExtractor:
     `grad_after_replace`, autograd is switched on from the first replacement to the end of the block: run the
     forward under `torch.no_grad()` and only the part downstream of the replaced feature records a graph.
     With `check_grad_path` (a training pass, entered with autograd on), a carrier feature that does not require grad
-    while trainable parameters of `model` ran before it is refused (`grad_path_error`).
+    while trainable parameters of `model` ran before it is refused (`_refuse_without_grad_path`).
     """
 
     def __init__(

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .carriers import LM_TASKS
 from .extraction import base_of
 from .tasks import auto_class_for, is_classifier, task_of
 
@@ -107,7 +106,21 @@ def check_finite_weights(parent: nn.Module, name: str) -> None:
             )
 
 
-# ---- vocabularies: language models read and predict token ids, which must mean the same tokens in both ---------------
+# ---- vocabularies: text models read (and LMs predict) token ids, which must mean the same tokens in both ----------
+
+
+def token_table(model: nn.Module, getter: str) -> nn.Module | None:
+    """The model's input or output embedding table (under a PEFT layer's `base_layer`), or None."""
+    try:
+        module = getattr(base_of(model), getter, lambda: None)()
+    except NotImplementedError:  # models without such a table may say so
+        return None
+    return getattr(module, "base_layer", module)
+
+
+def reads_tokens(model: nn.Module) -> bool:
+    """Whether the model's input is token ids: its input embeddings are an embedding table."""
+    return isinstance(token_table(model, "get_input_embeddings"), nn.Embedding)
 
 
 def tokenizer_of(processing_class: Any) -> Any | None:
@@ -142,8 +155,7 @@ def vocabulary_sizes(model: nn.Module) -> dict[str, int]:
     shape)."""
     base, sizes = base_of(model), {}
     for what, getter in (("input embeddings", "get_input_embeddings"), ("output embeddings", "get_output_embeddings")):
-        module = getattr(base, getter, lambda: None)()
-        weight = getattr(getattr(module, "base_layer", module), "weight", None)
+        weight = getattr(token_table(model, getter), "weight", None)
         if isinstance(weight, torch.Tensor):
             sizes[what] = int(getattr(weight, "ds_shape", weight.shape)[0])
     config = getattr(base, "config", None)
@@ -214,12 +226,12 @@ def check_special_ids(parent: nn.Module, child: nn.Module) -> None:
 
 def check_vocabularies(parent: nn.Module, child: nn.Module, processing_class: Any, parent_name: str | None,
                        revision: str | None = None) -> None:
-    """For language models, refuse a parent whose token ids mean other tokens than the child's, or that the
-    tokenizer's ids would index past: tokenizers are compared where both can be seen (the trainer's
+    """For models that read token ids (language models, text and token classifiers...), refuse a parent whose token
+    ids mean other tokens than the child's, or that the tokenizer's ids would index past: tokenizers are compared where both can be seen (the trainer's
     `processing_class`, a tokenizer saved with the parent), special token ids otherwise. Embedding tables of other
     sizes are accepted only when a tokenizer fits both (one tokenizer padded differently, e.g. Qwen2.5 0.5B and
     7B); KD then compares the two models on the smaller table's tokens (`shared_vocabulary`)."""
-    if task_of(child) not in LM_TASKS:
+    if not (reads_tokens(parent) and reads_tokens(child)):
         return
     child_tokenizer, parent_tokenizer = tokenizer_of(processing_class), saved_tokenizer(parent, parent_name, revision)
     if child_tokenizer is not None and parent_tokenizer is not None:

@@ -1,12 +1,13 @@
 """A parent that cannot teach is refused before the first step, naming what is wrong (docs/reliability.md, "The
-parent"): weights that do not cover its model, a vocabulary other than the child's (causal, masked and seq2seq LMs),
-a path that is a file; and a mixed-precision run leaves the user's parent object exactly as it was given."""
+parent"): weights that do not cover its model, a vocabulary other than the child's (causal, masked and seq2seq LMs,
+and text classifiers: every model that reads token ids), a path that is a file; and a mixed-precision run leaves the user's parent object exactly as it was given."""
 
 from __future__ import annotations
 
 import copy
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from transformers import (
     BertConfig,
     BertForMaskedLM,
+    BertForSequenceClassification,
     BertModel,
     GPT2Config,
     GPT2LMHeadModel,
@@ -47,11 +49,11 @@ def llama(hidden: int, vocab: int = VOCAB, seed: int = 0, **config) -> LlamaForC
     return LlamaForCausalLM(LlamaConfig(**values))
 
 
-def bert_mlm(hidden: int, vocab: int = VOCAB, seed: int = 0, **config) -> BertForMaskedLM:
+def bert(hidden: int, vocab: int = VOCAB, seed: int = 0, model_class: type = BertForMaskedLM, **config) -> nn.Module:
     torch.manual_seed(seed)
     values = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
-                  intermediate_size=2 * hidden, max_position_embeddings=32, pad_token_id=0) | config
-    return BertForMaskedLM(BertConfig(**values))
+                  intermediate_size=2 * hidden, max_position_embeddings=32, pad_token_id=0, num_labels=2) | config
+    return model_class(BertConfig(**values))
 
 
 def t5(hidden: int, vocab: int = VOCAB, seed: int = 0, **config) -> T5ForConditionalGeneration:
@@ -61,7 +63,8 @@ def t5(hidden: int, vocab: int = VOCAB, seed: int = 0, **config) -> T5ForConditi
     return T5ForConditionalGeneration(T5Config(**values))
 
 
-LMS = {"causal": llama, "masked": bert_mlm, "seq2seq": t5}
+LMS = {"causal": llama, "masked": bert, "seq2seq": t5}
+TEXT_MODELS = LMS | {"classifier": partial(bert, model_class=BertForSequenceClassification)}  # all read token ids
 
 
 def lm_batch(rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -150,41 +153,41 @@ def test_a_parent_path_that_is_a_file_is_refused_when_the_arguments_are_built(na
 # ---- vocabularies of language models --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", list(LMS))
+@pytest.mark.parametrize("kind", list(TEXT_MODELS))
 def test_vocabularies_of_other_sizes_without_a_tokenizer_are_refused(kind, tmp_path):
-    parent, child = LMS[kind](32, vocab=VOCAB + 10), LMS[kind](16)
+    parent, child = TEXT_MODELS[kind](32, vocab=VOCAB + 10), TEXT_MODELS[kind](16)
     with pytest.raises(ValueError, match=r"differ in size, and no tokenizer can be seen .* processing_class"):
         lm_trainer(tmp_path, child, parent)
 
 
-@pytest.mark.parametrize("kind", list(LMS))
+@pytest.mark.parametrize("kind", list(TEXT_MODELS))
 def test_tokenizers_with_other_token_ids_are_refused(kind, tmp_path):
     """Same size, same special ids: only the tokenizers themselves show the difference."""
-    folder = save(LMS[kind](32), tmp_path / "parent", swapped_tokenizer())
+    folder = save(TEXT_MODELS[kind](32), tmp_path / "parent", swapped_tokenizer())
     with pytest.raises(ValueError, match=r"tokenizer .* differ on 2 tokens \('bad': parent 4, child 10; 'good'"):
-        lm_trainer(tmp_path, LMS[kind](16), tokenizer=H.word_tokenizer(), hkt_parent=folder)
+        lm_trainer(tmp_path, TEXT_MODELS[kind](16), tokenizer=H.word_tokenizer(), hkt_parent=folder)
 
 
-@pytest.mark.parametrize("kind", list(LMS))
+@pytest.mark.parametrize("kind", list(TEXT_MODELS))
 def test_a_table_smaller_than_the_tokenizer_is_refused(kind, tmp_path):
     """Without this check the parent's embedding fails with an IndexError on the largest token ids."""
-    parent, child = LMS[kind](32, vocab=VOCAB - 2), LMS[kind](16)
+    parent, child = TEXT_MODELS[kind](32, vocab=VOCAB - 2), TEXT_MODELS[kind](16)
     with pytest.raises(ValueError, match=rf"The parent's input embeddings has {VOCAB - 2} rows, but the tokenizer has "
                                          rf"token ids up to {VOCAB - 1}"):
         lm_trainer(tmp_path, child, parent, tokenizer=H.word_tokenizer())
 
 
-@pytest.mark.parametrize("kind", list(LMS))
+@pytest.mark.parametrize("kind", list(TEXT_MODELS))
 def test_other_special_token_ids_are_refused_when_tokenizers_cannot_be_compared(kind, tmp_path):
-    parent, child = LMS[kind](32, pad_token_id=1, eos_token_id=1), LMS[kind](16)
+    parent, child = TEXT_MODELS[kind](32, pad_token_id=1, eos_token_id=1), TEXT_MODELS[kind](16)
     with pytest.raises(ValueError, match=r"other special token ids \(pad_token_id: parent \[1\], child \[0\]"):
         lm_trainer(tmp_path, child, parent, tokenizer=H.word_tokenizer())
 
 
 @pytest.mark.parametrize("kind", list(LMS))
 def test_one_tokenizer_seen_on_both_sides_is_accepted(kind, tmp_path):
-    folder = save(LMS[kind](32), tmp_path / "parent", H.word_tokenizer())
-    trainer = lm_trainer(tmp_path, LMS[kind](16), tokenizer=H.word_tokenizer(), hkt_parent=folder, max_steps=1)
+    folder = save(TEXT_MODELS[kind](32), tmp_path / "parent", H.word_tokenizer())
+    trainer = lm_trainer(tmp_path, TEXT_MODELS[kind](16), tokenizer=H.word_tokenizer(), hkt_parent=folder, max_steps=1)
     trainer.train()
     assert math.isfinite(trainer.state.log_history[0]["loss"])
 
