@@ -1,5 +1,9 @@
 """The parent: loading it for the child's task, checking it can teach the child, and freezing it for one run only.
 
+It can teach only if its checkpoint covers the model it is loaded as (no head left at random), it solves the child's
+task with the same labels, its weights are finite, and, for models that read token ids, its token ids mean the
+child's tokens (`check_vocabularies`).
+
 The user's parent object is never changed for good: `frozen` sets `requires_grad=False` and the run's mode
 (`eval`, or batch-norm in train mode for `train-bn`) for a training run (and around each step, for callers of
 `compute_loss`) and restores both after it, so trainers sharing one parent never see each other's settings, and no
