@@ -89,7 +89,7 @@ def forward_inputs(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
     base = base_of(model)
     prepare = getattr(base, "prepare_decoder_input_ids_from_labels", None)
     if (getattr(base.config, "is_encoder_decoder", False) and "decoder_input_ids" not in out and callable(prepare)
-            and "labels" in inputs):
+            and inputs.get("labels") is not None):
         out["decoder_input_ids"] = prepare(labels=inputs["labels"])
     return out
 
@@ -192,7 +192,7 @@ class HKTObjective:
     ) -> StepResult:
         """`native(inputs) -> (loss, outputs)` is the Trainer's own loss on the child (normalised by
         `num_items_in_batch` when that is given, as the Trainer normalises it)."""
-        if "labels" not in inputs or count_items(child, inputs["labels"]) == 0:
+        if inputs.get("labels") is None or count_items(child, inputs["labels"]) == 0:
             return self._without_items(inputs, native)
         _, w1, w2 = self.weights
         kd = self.args.hkt_kd_weight > 0
@@ -232,7 +232,7 @@ class HKTObjective:
         items, are 0, so the step is the plain Trainer's own (its loss, or its error, e.g. for a model that returns
         no loss without labels)."""
         loss, outputs = native(dict(inputs))
-        if "labels" not in inputs:
+        if inputs.get("labels") is None:
             raise ValueError("HKT needs labels in every training batch: each of its loss terms uses the ground truth.")
         return StepResult(loss, outputs, {"native": loss.detach().float()})
 

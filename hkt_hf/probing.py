@@ -79,7 +79,7 @@ def probe(
 def own_loss_replayable(child: nn.Module, head: FeatureSpec, inputs: dict[str, Any]) -> bool:
     """Whether the child's own loss on `inputs` is the token cross-entropy of its head replayed on the head's input
     (no auxiliary terms, no post-processing), so the native term can be computed from that input in chunks."""
-    if task_of(child) not in TOKEN_TASKS or "labels" not in inputs:
+    if task_of(child) not in TOKEN_TASKS or inputs.get("labels") is None:
         return False
     with in_eval_mode(child):
         with FeatureExtractor(child, [head], role="child") as ext:

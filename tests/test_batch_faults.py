@@ -21,6 +21,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -59,7 +61,12 @@ def bert_mlm(hidden: int) -> nn.Module:
                                       attention_probs_dropout_prob=0.0))
 
 
-MODELS = {"llama": llama, "gpt2": gpt2, "bert-mlm": bert_mlm,
+def t5(hidden: int) -> nn.Module:
+    return T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=hidden, d_kv=8, d_ff=2 * hidden, num_layers=1,
+                                               num_heads=2, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0))
+
+
+MODELS = {"llama": llama, "gpt2": gpt2, "bert-mlm": bert_mlm, "t5": t5,
           "bert-classifier": lambda hidden: H.tiny_bert(hidden, VOCAB, seed=hidden)}
 
 
