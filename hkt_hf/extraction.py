@@ -167,10 +167,10 @@ class FeatureExtractor:
         if upstream:
             shown = ", ".join(upstream[:5]) + (f" and {len(upstream) - 5} more" if len(upstream) > 5 else "")
             raise CarrierError(
-                f"{self._describe(index).capitalize()} does not require grad (computed under torch.no_grad(), or "
-                f"detached), while trainable modules run before it ({shown}): the HKT terms at this carrier would "
-                "never train them. Pick a carrier module whose output requires grad, or freeze those modules "
-                "(requires_grad_(False)) if they are meant to stay fixed."
+                f"{self._describe(index).capitalize()} does not require grad (computed under torch.no_grad(), "
+                f"detached, or inside reentrant activation checkpointing), while trainable modules run before it "
+                f"({shown}): the HKT terms at this carrier would never train them. Pick a carrier module whose output "
+                "requires grad, or freeze those modules (requires_grad_(False)) if they are meant to stay fixed."
             )
 
     def _track_trainable(self) -> None:
