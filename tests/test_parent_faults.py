@@ -117,7 +117,7 @@ def test_a_base_model_saved_for_a_causal_lm_child_is_refused_naming_the_lm_head(
         lm_trainer(tmp_path, llama(16, tie_word_embeddings=False), hkt_parent=str(tmp_path / "base"))
 
 
-def test_a_checkpoint_missing_or_misshaping_some_weights_is_refused_naming_them(tmp_path):
+def test_a_checkpoint_missing_some_weights_is_refused_naming_them(tmp_path):
     folder = save(H.tiny_bert(32, VOCAB, layers=2, seed=1), tmp_path / "parent")
     weights = load_file(tmp_path / "parent" / "model.safetensors")
     del weights["bert.encoder.layer.1.attention.self.query.weight"]
