@@ -10,29 +10,38 @@ single carrier is the input of both prediction heads (classification heads, or l
 `get_output_embeddings()`), L_c* and L_p* replay just the heads on m. For carriers elsewhere, L_p* needs the parent
 downstream of m: that pass (no graph upstream of its carriers) follows the child's, and replaces the plain parent
 pass unless KD needs the parent's own prediction; L_c* runs a second, equally truncated child pass. A term whose
-weight is 0 is not computed.
+weight is 0 is not computed. Every pass but the Trainer's own runs without a KV cache (packed, padding-free batches
+stay separate sequences), and only each model's first pass of a batch updates its batch-norm statistics.
 
 Positions and normalisation. Gates mix only real positions (the batch's attention mask for token features) and
 their statistics average over those. Every term is first a mean over this batch's items: labels that are not -100
 (after the causal shift for causal LMs, as transformers' ForCausalLMLoss). Given `num_items_in_batch` (the item
 count of the whole accumulated batch, as the Trainer computes it), the terms are rescaled to sum / num_items_in_batch,
 the Trainer's own normalisation, so gradient accumulation over padded batches gives the update of one big batch.
+Where the Trainer's loss is a mean over each batch (no `num_items_in_batch`, or a model whose loss ignores it, such
+as BERT's classifiers), every term is that mean too, and the Trainer's own scaling (its division by the accumulation
+steps, or none) applies to all of them alike.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import lru_cache
+import inspect
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from transformers.models.bart.modeling_bart import shift_tokens_right
+from transformers.utils import find_labels
 
 from .adapter import HKTAdapter
 from .carriers import CarrierPair
 from .extraction import FeatureExtractor, FeatureSpec, base_of, resolve_module
 from .losses import (
     IGNORE_INDEX,
-    TOKEN_TASKS,
     count_items,
     head_loss,
     kd_loss,
@@ -68,28 +77,70 @@ class StepResult:
 
 
 def prediction(outputs: Any) -> torch.Tensor:
-    """What a model predicts: its `logits`, or else its first tensor output besides the loss (`predicted_flow`...)."""
+    """What a model predicts: its `logits`; extractive QA's start and end logits as [B, 2, N] (two distributions over
+    the positions); or else its first tensor output besides the loss (`predicted_flow`...)."""
     if getattr(outputs, "logits", None) is not None:
         return outputs.logits
+    if getattr(outputs, "start_logits", None) is not None and getattr(outputs, "end_logits", None) is not None:
+        return torch.stack((outputs.start_logits, outputs.end_logits), 1)
     for key, value in outputs.items():
         if key != "loss" and isinstance(value, torch.Tensor):
             return value
     raise ValueError(f"Cannot find the prediction in {type(outputs).__name__} (fields {list(outputs.keys())}) for KD.")
 
 
-def model_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
-    """The batch without labels, for passes whose loss is computed here rather than by the model."""
-    return {k: v for k, v in inputs.items() if k != "labels"}
+@lru_cache(maxsize=None)
+def _forward_parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
 
 
-def forward_inputs(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
-    """The batch without labels; an encoder-decoder gets the decoder inputs it would build from the labels."""
-    out = model_inputs(inputs)
+def model_label_names(model: nn.Module) -> list[str]:
+    """The names of the model's targets as the Trainer infers them from its forward (`labels`; `start_positions` and
+    `end_positions` for extractive QA), plus `labels`."""
+    return sorted(set(find_labels(type(base_of(model)))) | {"labels"})
+
+
+def without_cache(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` with `use_cache=False` where the model's forward takes it. With a cache, transformers does not read
+    packed sequences (padding-free batches: `position_ids`, no attention mask) as separate, so they would attend to
+    each other; the Trainer turns the child's cache off (`args.use_cache`), never the parent's."""
+    if "use_cache" in _forward_parameters(type(base_of(model))):
+        return {**kwargs, "use_cache": False}
+    return kwargs
+
+
+def forward_inputs(model: nn.Module, inputs: dict[str, Any], label_names: Sequence[str] | None = None
+                   ) -> dict[str, Any]:
+    """The batch without its targets (`label_names`, by default the model's own) and without a cache, for passes whose
+    loss is computed here rather than by the model; an encoder-decoder gets the decoder inputs it would build from
+    the labels (`prepare_decoder_input_ids_from_labels`, else the labels shifted right as Whisper or BART do)."""
+    names = set(model_label_names(model) if label_names is None else label_names) | {"labels"}
+    out = {k: v for k, v in inputs.items() if k not in names}
     base = base_of(model)
-    prepare = getattr(base, "prepare_decoder_input_ids_from_labels", None)
-    if getattr(base.config, "is_encoder_decoder", False) and "decoder_input_ids" not in out and callable(prepare):
-        out["decoder_input_ids"] = prepare(labels=inputs["labels"])
-    return out
+    if getattr(base.config, "is_encoder_decoder", False) and "decoder_input_ids" not in out and "labels" in inputs:
+        prepare = getattr(base, "prepare_decoder_input_ids_from_labels", None)
+        if callable(prepare):
+            out["decoder_input_ids"] = prepare(labels=inputs["labels"])
+        else:
+            out["decoder_input_ids"] = shift_tokens_right(inputs["labels"], base.config.pad_token_id,
+                                                          base.config.decoder_start_token_id)
+    return without_cache(model, out)
+
+
+@contextmanager
+def running_stats_kept(model: nn.Module) -> Iterator[None]:
+    """While active, the model's batch-norm layers in train mode still normalise with the batch's statistics but do
+    not update their running statistics (nor `num_batches_tracked`): extra passes over a batch whose statistics the
+    model's own pass has already counted, partly on mixed features, must not count it again."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    for norm in norms:
+        norm.track_running_stats = False
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True
 
 
 # ---- gates on real positions -----------------------------------------------------------------------------------------
@@ -108,7 +159,8 @@ def real_positions(model: nn.Module, spec: FeatureSpec, inputs: dict[str, Any], 
         return None
     if on_decoder(model, spec):
         mask = inputs.get("decoder_attention_mask")
-        mask = mask if mask is not None else inputs["labels"].ne(IGNORE_INDEX)
+        labels = inputs.get("labels")
+        mask = mask if mask is not None or labels is None else labels.ne(IGNORE_INDEX)
     else:
         mask = inputs.get("attention_mask")
     return mask.bool() if mask is not None and tuple(mask.shape) == tuple(feature.shape[:2]) else None
@@ -177,6 +229,9 @@ class HKTObjective:
         # (which keeps [positions, vocabulary] log-probabilities for backward); only where the trainer has checked
         # that the two are the same loss (`own_loss_replayable`, no label smoothing or custom loss function).
         self.native_replay = native_replay
+        # Whether the Trainer's loss for the child is a mean over each batch although the Trainer passes it
+        # `num_items_in_batch` (a model whose loss ignores the count); set by the trainer on the first step.
+        self.native_is_mean: bool | None = None
 
     @property
     def weights(self) -> tuple[float, float, float]:
@@ -185,35 +240,45 @@ class HKTObjective:
 
     def __call__(
         self, child: nn.Module, adapter: HKTAdapter, inputs: dict[str, Any], native: NativeLoss,
-        num_items_in_batch: torch.Tensor | int | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None, *, mean_factor: float = 1.0,
+        label_names: Sequence[str] | None = None,
     ) -> StepResult:
-        """`native(inputs) -> (loss, outputs)` is the Trainer's own loss on the child (normalised by
-        `num_items_in_batch` when that is given, as the Trainer normalises it)."""
-        if "labels" not in inputs:
-            raise ValueError("HKT needs labels in every training batch: each of its loss terms uses the ground truth.")
+        """`native(inputs) -> (loss, outputs)` is the Trainer's own loss on the child: the summed loss over
+        `num_items_in_batch` when that is given, else a mean over this batch times `mean_factor` (see `_combine`).
+        `label_names` are the batch's targets (the Trainer's `label_names`; by default the child's own)."""
+        label_names = list(label_names) if label_names else model_label_names(child)
+        missing = [name for name in label_names if name not in inputs]
+        if missing:
+            raise ValueError(
+                f"HKT needs the targets {label_names} in every training batch (missing: {missing}): each of its loss "
+                "terms uses the ground truth. Check the collator and `remove_unused_columns`, or set "
+                "`label_names` in the training arguments to the names of the batch's targets."
+            )
         _, w1, w2 = self.weights
         kd = self.args.hkt_kd_weight > 0
         mixing = w1 > 0 or w2 > 0
         parent_out, h = None, {}
-        if kd or (mixing and (self.replay or w2 == 0)):  # the plain parent pass, first
-            parent_out, h = self._parent_pass(inputs, capture=mixing)
+        plain_parent = kd or (mixing and (self.replay or w2 == 0))
+        if plain_parent:  # the plain parent pass, first
+            parent_out, h = self._parent_pass(inputs, capture=mixing, label_names=label_names)
         specs = [c.child for c in self.carriers] if mixing or self.native_replay else []
         with FeatureExtractor(child, specs, role="child") as ext:
             if self.native_replay:
-                outputs = child(**forward_inputs(child, inputs))
+                outputs = child(**forward_inputs(child, inputs, label_names))
             else:
                 native_loss, outputs = native(dict(inputs))
         q = ext.features
         if self.native_replay:
-            native_loss = self._replayed_native(child, inputs, q[0], num_items_in_batch)
+            native_loss = self._replayed_native(child, inputs, q[0], num_items_in_batch, mean_factor)
         terms, gates = {}, {}
-        if mixing:
-            step = self._replay_heads if self.replay else self._truncated_passes
-            terms, gates = step(child, adapter, inputs, q, h)
+        if self.replay and mixing:
+            terms, gates = self._replay_heads(child, adapter, inputs, q, h)
+        elif mixing:
+            terms, gates = self._truncated_passes(child, adapter, inputs, q, h, parent_counted=plain_parent)
         if kd:
             terms["kd"] = kd_loss(prediction(outputs), prediction(parent_out), self.args.hkt_kd_temperature,
-                                  self.args.hkt_kd_loss, target_mask(child, inputs["labels"]))
-        result = self._combine(child, inputs, native_loss, outputs, terms, num_items_in_batch)
+                                  self.args.hkt_kd_loss, target_mask(child, inputs.get("labels")))
+        result = self._combine(child, inputs, native_loss, outputs, terms, num_items_in_batch, mean_factor)
         result.gates = {str(c): gates[i] for i, c in enumerate(self.carriers) if i in gates}
         result.stats = self._stats(child, inputs, q, gates)
         if not torch.isfinite(result.loss):
@@ -221,11 +286,15 @@ class HKTObjective:
         return result
 
     def _combine(self, child: nn.Module, inputs: dict[str, Any], native_loss: torch.Tensor, outputs: Any,
-                 terms: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None) -> StepResult:
-        """Weighted sum of the terms. With `num_items_in_batch`, the native loss already is sum / num_items_in_batch
-        and each other term (a mean over this batch's items) is rescaled to the same; `parts` hold the means."""
+                 terms: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None,
+                 mean_factor: float = 1.0) -> StepResult:
+        """Weighted sum of the terms, each normalised as the Trainer normalised the native loss, so their weights hold
+        with and without gradient accumulation. With `num_items_in_batch`, the native loss is sum /
+        num_items_in_batch and each other term (a mean over this batch's items) is rescaled to the same; without, the
+        native loss is this batch's mean times `mean_factor` (the Trainer's factor for several processes), and so is
+        each term. `parts` hold the means."""
         native_loss = native_loss.float()
-        native_part, scale = native_loss, 1.0
+        native_part, scale = native_loss / mean_factor, mean_factor
         if num_items_in_batch is not None:
             items = count_items(child, inputs["labels"]).to(native_loss.device)
             scale = items / num_items_in_batch
@@ -236,18 +305,23 @@ class HKTObjective:
         return StepResult(loss, outputs, {"native": native_part, **terms})
 
     def _replayed_native(self, child: nn.Module, inputs: dict[str, Any], q: torch.Tensor,
-                         num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
-        """The child's own token loss from its head replayed on q, normalised as the model normalises it: summed
-        over `num_items_in_batch` when that is given, else a mean over the positions with a target."""
+                         num_items_in_batch: torch.Tensor | int | None, mean_factor: float = 1.0) -> torch.Tensor:
+        """The child's own token loss from its head replayed on q, normalised as the Trainer's loss is: summed over
+        `num_items_in_batch` when that is given, else a mean over the positions with a target (times
+        `mean_factor`)."""
         head = resolve_module(child, self.carriers[0].child.module)
         total, count = token_loss_sum(head, q, target_labels(child, inputs["labels"]))
-        return total / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
+        if num_items_in_batch is not None:
+            return total / num_items_in_batch
+        return total / count.clamp(min=1) * mean_factor
 
-    def _parent_pass(self, inputs: dict[str, Any], capture: bool) -> tuple[Any, dict[int, torch.Tensor]]:
-        """The parent's plain pass without autograd; captures its carrier features when asked."""
+    def _parent_pass(self, inputs: dict[str, Any], capture: bool, label_names: Sequence[str] | None = None
+                     ) -> tuple[Any, dict[int, torch.Tensor]]:
+        """The parent's plain pass without autograd (and without a cache); captures its carrier features when asked.
+        A `train-bn` parent's batch-norm statistics count the batch here, once."""
         specs = [c.parent for c in self.carriers] if capture else []
         with torch.no_grad(), FeatureExtractor(self.parent, specs, role="parent") as ext:
-            out = self.parent(**forward_inputs(self.parent, inputs))
+            out = self.parent(**forward_inputs(self.parent, inputs, label_names))
         return out, ext.features
 
     def _mix(self, child: nn.Module, adapter: HKTAdapter, i: int, q: torch.Tensor, h: torch.Tensor,
@@ -277,19 +351,23 @@ class HKTObjective:
         _, w1, w2 = self.weights
         pair = self.carriers[0]
         gate = self._mix(child, adapter, 0, q[0], h[0], inputs)
-        labels = inputs["labels"]
         terms = {}
         if w1 > 0:
             terms["child_mixed"] = head_loss(child, resolve_module(child, pair.child.module), gate.mixed.to(q[0].dtype),
-                                             labels)
+                                             inputs)
         if w2 > 0:
             terms["parent_head"] = head_loss(self.parent, resolve_module(self.parent, pair.parent.module),
-                                             self._into_parent(adapter, 0, gate.mixed, h[0]), labels)
+                                             self._into_parent(adapter, 0, gate.mixed, h[0]), inputs)
         return terms, {0: gate}
 
-    def _truncated_passes(self, child, adapter, inputs, q, h):
+    def _truncated_passes(self, child, adapter, inputs, q, h, parent_counted: bool):
         """L_p* from the parent's pass downstream of m (it captures the parent features itself), L_c* from a child
-        pass downstream of m; each records a graph only after its first replaced carrier."""
+        pass downstream of m; each records a graph only after its first replaced carrier, and runs without a cache.
+
+        Batch-norm statistics count each batch once per model: the child's in its native pass (its mixed pass keeps
+        them), a `train-bn` parent's in its first pass of the step: the plain pass when there is one
+        (`parent_counted`), else this truncated pass, which, like the reference code's single hooked parent pass,
+        normalises downstream of m with m's statistics."""
         _, w1, w2 = self.weights
         gates: dict[int, GateOutput] = {}
         parent_features = dict(h)
@@ -301,9 +379,10 @@ class HKTObjective:
                 return self._into_parent(adapter, i, gates[i].mixed, feature)
 
             specs = [c.parent for c in self.carriers]
-            with torch.no_grad(), FeatureExtractor(self.parent, specs, into_parent, grad_after_replace=True,
-                                                   role="parent"):
-                terms["parent_head"] = model_loss(self.parent(**inputs), "parent")
+            keep_stats = running_stats_kept(self.parent) if parent_counted else nullcontext()
+            with torch.no_grad(), keep_stats, FeatureExtractor(self.parent, specs, into_parent,
+                                                               grad_after_replace=True, role="parent"):
+                terms["parent_head"] = model_loss(self.parent(**without_cache(self.parent, inputs)), "parent")
         else:
             gates = {i: self._mix(child, adapter, i, q[i], h[i], inputs) for i in range(len(self.carriers))}
         if w1 > 0:
@@ -323,8 +402,9 @@ class HKTObjective:
             return self._mix(child, adapter, i, feature, parent_features[i], inputs).mixed.to(feature.dtype)
 
         specs = [c.child for c in self.carriers]
-        with torch.no_grad(), FeatureExtractor(child, specs, into_child, grad_after_replace=True, role="child"):
-            return model_loss(child(**inputs), "child")
+        with torch.no_grad(), running_stats_kept(child), FeatureExtractor(child, specs, into_child,
+                                                                            grad_after_replace=True, role="child"):
+            return model_loss(child(**without_cache(child, inputs)), "child")
 
 
 def model_loss(outputs: Any, role: str) -> torch.Tensor:
