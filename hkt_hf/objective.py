@@ -25,7 +25,7 @@ steps, or none) applies to all of them alike.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -100,6 +100,11 @@ def model_label_names(model: nn.Module) -> list[str]:
     return sorted(set(find_labels(type(base_of(model)))) | {"labels"})
 
 
+def model_inputs(inputs: dict[str, Any], label_names: Collection[str] = ("labels",)) -> dict[str, Any]:
+    """The batch without its targets (`labels`, or the names given), for passes whose loss is computed elsewhere."""
+    return {k: v for k, v in inputs.items() if k not in label_names}
+
+
 def without_cache(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     """`kwargs` with `use_cache=False` where the model's forward takes it. With a cache, transformers does not read
     packed sequences (padding-free batches: `position_ids`, no attention mask) as separate, so they would attend to
@@ -114,8 +119,7 @@ def forward_inputs(model: nn.Module, inputs: dict[str, Any], label_names: Sequen
     """The batch without its targets (`label_names`, by default the model's own) and without a cache, for passes whose
     loss is computed here rather than by the model; an encoder-decoder gets the decoder inputs it would build from
     the labels (`prepare_decoder_input_ids_from_labels`, else the labels shifted right as Whisper or BART do)."""
-    names = set(model_label_names(model) if label_names is None else label_names) | {"labels"}
-    out = {k: v for k, v in inputs.items() if k not in names}
+    out = model_inputs(inputs, {*(model_label_names(model) if label_names is None else label_names), "labels"})
     base = base_of(model)
     if getattr(base.config, "is_encoder_decoder", False) and "decoder_input_ids" not in out and "labels" in inputs:
         prepare = getattr(base, "prepare_decoder_input_ids_from_labels", None)
