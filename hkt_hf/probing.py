@@ -16,7 +16,8 @@ from torch import nn
 from .carriers import CarrierPair, head_carrier
 from .extraction import FeatureExtractor, FeatureSpec, resolve_module
 from .losses import QA_TASK, TOKEN_TASKS, head_prediction, target_labels, token_loss
-from .objective import forward_inputs, prediction
+from .objective import prediction
+from .passes import forward_inputs
 from .tasks import loss_task
 
 # Tasks with one target per sample; their heads (like those of TOKEN_TASKS and extractive QA's) can be replayed on m.
