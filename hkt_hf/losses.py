@@ -20,7 +20,8 @@ IGNORE_INDEX = -100
 LOSS_CHUNK = 1024  # positions per chunk of a vocabulary-sized loss (replayed heads, KD)
 # Tasks with one target per token; their heads are replayed position by position.
 TOKEN_TASKS = frozenset({"text-generation", "text2text-generation", "fill-mask", "token-classification"})
-QA_TASK = "question-answering"  # extractive: a start and an end logit per token, targets `start_positions` / `end_positions`
+# Extractive QA: a start and an end logit per token; targets `start_positions` and `end_positions`.
+QA_TASK = "question-answering"
 
 
 # ---- targets ---------------------------------------------------------------------------------------------------------

@@ -246,7 +246,8 @@ def plain_train_pass(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
 
 BN_CARRIERS = {"hf_resnet": (lambda: H.tiny_resnet(8), lambda: H.tiny_resnet(16, seed=1),
                              "resnet.encoder.stages.0=resnet.encoder.stages.0"),
-               "cifar_resnet": (lambda: cifar_resnet(4), lambda: cifar_resnet(8, seed=1), "resnet.layer2=resnet.layer2")}
+               "cifar_resnet": (lambda: cifar_resnet(4), lambda: cifar_resnet(8, seed=1),
+                                "resnet.layer2=resnet.layer2")}
 
 
 @pytest.mark.parametrize("kd", [0.0, 0.5], ids=["no_kd", "kd"])
