@@ -14,10 +14,13 @@ from torch import nn
 from transformers import (
     BertConfig,
     BertForQuestionAnswering,
+    BertForTokenClassification,
+    DataCollatorForSeq2Seq,
     DataCollatorForLanguageModeling,
     DataCollatorWithFlattening,
     LlamaForCausalLM,
     Seq2SeqTrainer,
+    T5ForConditionalGeneration,
     Trainer,
     ViTForImageClassification,
     WhisperConfig,
@@ -30,6 +33,7 @@ from hkt_hf.models import CifarResNetConfig, CifarResNetForImageClassification
 from hkt_hf.trainer import HKTSeq2SeqTrainer
 from hkt_hf.training_args import HKTSeq2SeqTrainingArguments
 from test_language_models import tiny_lm
+from test_seq2seq import copy_task, tiny_t5
 
 VOCAB = len(H.word_tokenizer())
 
@@ -80,6 +84,19 @@ def tiny_qa(hidden: int, layers: int = 2, seed: int = 0) -> BertForQuestionAnswe
     return BertForQuestionAnswering(config)
 
 
+def tiny_token_classifier(hidden: int, seed: int = 0) -> BertForTokenClassification:
+    config = H.tiny_bert(hidden, 30, num_labels=H.NUM_LABELS, seed=seed).config
+    torch.manual_seed(seed)
+    return BertForTokenClassification(config)
+
+
+def dropout_free_t5(d_model: int, seed: int) -> T5ForConditionalGeneration:
+    config = tiny_t5(d_model, seed).config
+    config.dropout_rate = 0.0
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(config)
+
+
 def tiny_whisper(hidden: int, seed: int = 0) -> WhisperForConditionalGeneration:
     torch.manual_seed(seed)
     config = WhisperConfig(vocab_size=40, num_mel_bins=8, d_model=hidden, encoder_layers=1, decoder_layers=1,
@@ -94,6 +111,16 @@ def token_rows(n: int, length: int = 8) -> list[dict]:
     ids = torch.randint(4, 30, (n, length), generator=g)
     return [{"input_ids": ids[i], "attention_mask": torch.ones(length, dtype=torch.long), "labels": i % 2}
             for i in range(n)]
+
+
+def tagged_rows(n: int, length: int = 8) -> list[dict]:
+    """Token labels with a few -100 (positions without a target)."""
+    rows = token_rows(n, length)
+    for i, row in enumerate(rows):
+        tags = row["input_ids"] % H.NUM_LABELS
+        tags[: i % 3] = -100
+        row["labels"] = tags
+    return rows
 
 
 def qa_rows(n: int, length: int = 10) -> list[dict]:
@@ -129,6 +156,10 @@ CASES = {
               LM_COLLATOR),
     "llama_without_kwargs": (lambda: plain_llama(16, seed=1), lambda: plain_llama(32, seed=2), lambda: lm_rows(16),
                              LM_COLLATOR),
+    "token_classifier": (lambda: tiny_token_classifier(16), lambda: tiny_token_classifier(32, seed=1),
+                         lambda: tagged_rows(16), None),
+    "t5": (lambda: dropout_free_t5(16, 0), lambda: dropout_free_t5(32, 1), lambda: copy_task(16),
+           DataCollatorForSeq2Seq(H.word_tokenizer(), label_pad_token_id=-100)),
     "qa": (lambda: tiny_qa(16), lambda: tiny_qa(32, seed=1), lambda: qa_rows(16), None),
 }
 
@@ -216,7 +247,7 @@ def test_batch_mean_loss_with_kwargs_weights_every_term_as_the_trainer_weights_i
 
 # The factor the Trainer applies to an accumulated step's mean loss, by how it normalises the model's loss.
 STEP_FACTOR = {"bert": 2, "cifar_resnet": 2, "vit": 1, "vit_without_kwargs": 1, "llama": 1,
-               "llama_without_kwargs": 1, "qa": 1}
+               "llama_without_kwargs": 1, "token_classifier": 2, "t5": 2, "qa": 1}
 
 
 @pytest.mark.parametrize("case", list(STEP_FACTOR))
