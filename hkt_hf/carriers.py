@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .extraction import FeatureSpec, base_of, resolve_module
-from .tasks import task_of
+from .tasks import loss_task
 
 MAX_BLOCK_CARRIERS = 3
 LM_TASKS = frozenset({"text-generation", "text2text-generation", "fill-mask"})
@@ -48,9 +48,10 @@ def _lm_head(model: nn.Module) -> str | None:
 
 
 def find_head(model: nn.Module, role: str = "model") -> str:
-    """Dotted name (in the base model, under any PEFT wrapper) of the module that produces the prediction."""
+    """Dotted name (in the base model, under any PEFT wrapper) of the module that produces the prediction: the output
+    embeddings of language models, sequence-to-sequence speech models (Whisper's `proj_out`) included."""
     base = base_of(model)
-    task = task_of(base)
+    task = loss_task(base)
     if task in LM_TASKS:
         name = _lm_head(base)
     else:

@@ -11,15 +11,17 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers.loss.loss_utils import ForSequenceClassificationLoss
+from transformers.loss.loss_utils import ForQuestionAnsweringLoss, ForSequenceClassificationLoss
 
 from .extraction import base_of
-from .tasks import task_of
+from .tasks import loss_task
 
 IGNORE_INDEX = -100
 LOSS_CHUNK = 1024  # positions per chunk of a vocabulary-sized loss (replayed heads, KD)
 # Tasks with one target per token; their heads are replayed position by position.
 TOKEN_TASKS = frozenset({"text-generation", "text2text-generation", "fill-mask", "token-classification"})
+# Extractive QA: a start and an end logit per token; targets `start_positions` and `end_positions`.
+QA_TASK = "question-answering"
 
 
 # ---- targets ---------------------------------------------------------------------------------------------------------
@@ -28,7 +30,7 @@ TOKEN_TASKS = frozenset({"text-generation", "text2text-generation", "fill-mask",
 def target_labels(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
     """Labels aligned with the prediction positions: shifted left (last position ignored) for causal LMs, whose
     position i predicts token i + 1, as in transformers' ForCausalLMLoss; unchanged otherwise."""
-    if task_of(model) == "text-generation":
+    if loss_task(model) == "text-generation":
         return F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
     return labels
 
@@ -38,9 +40,9 @@ def count_items(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
     return target_labels(model, labels).ne(IGNORE_INDEX).sum()
 
 
-def target_mask(model: nn.Module, labels: torch.Tensor) -> torch.Tensor | None:
+def target_mask(model: nn.Module, labels: torch.Tensor | None) -> torch.Tensor | None:
     """[B, N] mask of the positions with a target for token tasks (KD counts only those); None otherwise."""
-    if task_of(model) not in TOKEN_TASKS or labels.ndim != 2:
+    if labels is None or loss_task(model) not in TOKEN_TASKS or labels.ndim != 2:
         return None
     return target_labels(model, labels).ne(IGNORE_INDEX)
 
@@ -117,12 +119,23 @@ class SummedLinearCrossEntropy(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def head_loss(model: nn.Module, head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The model's task loss with its prediction head replayed on `hidden`, in fp32: token cross-entropy (shifted for
-    causal LMs) for token tasks, transformers' classification loss (`config.problem_type`) otherwise."""
-    if task_of(model) in TOKEN_TASKS:
-        return token_loss(head, hidden, target_labels(model, labels))
-    return ForSequenceClassificationLoss(labels, head(hidden).float(), base_of(model).config)
+def head_loss(model: nn.Module, head: nn.Module, hidden: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+    """The model's task loss with its prediction head replayed on `hidden`, in fp32, against the batch's targets:
+    token cross-entropy (shifted for causal LMs) for token tasks, transformers' question-answering loss (mean of the
+    start and end cross-entropies) for extractive QA, its classification loss (`config.problem_type`) otherwise."""
+    task = loss_task(model)
+    if task in TOKEN_TASKS:
+        return token_loss(head, hidden, target_labels(model, inputs["labels"]))
+    if task == QA_TASK:
+        start, end = head(hidden).float().unbind(-1)
+        return ForQuestionAnsweringLoss(start, end, inputs["start_positions"], inputs["end_positions"])
+    return ForSequenceClassificationLoss(inputs["labels"], head(hidden).float(), base_of(model).config)
+
+
+def head_prediction(model: nn.Module, head_output: torch.Tensor) -> torch.Tensor:
+    """A head's output laid out as the model's prediction (`objective.prediction`): an extractive QA head's
+    [B, N, 2] as [B, 2, N] (start and end logits over the positions); other heads' output as is."""
+    return head_output.movedim(-1, 1) if loss_task(model) == QA_TASK else head_output
 
 
 def kd_loss(child_logits: torch.Tensor, parent_logits: torch.Tensor, temperature: float, kind: str = "kl",
@@ -130,7 +143,8 @@ def kd_loss(child_logits: torch.Tensor, parent_logits: torch.Tensor, temperature
     """The classic distillation term, in fp32, as a mean over prediction positions.
 
     `kind="kl"`: Hinton's T^2 * KL(softmax(parent / T) || softmax(child / T)) per position; dense logits
-    [B, C, H, W] (class dimension 1, e.g. semantic segmentation) are distilled per pixel. `"l1"` / `"mse"`: mean
+    [B, C, H, W] (class dimension 1, e.g. semantic segmentation) are distilled per pixel, extractive QA's start and
+    end logits [B, 2, N] as two distributions over the positions. `"l1"` / `"mse"`: mean
     absolute / squared difference of the predictions, for regression outputs (e.g. optical flow). `mask` ([B, N] for
     token logits [B, N, V]) keeps only the positions with a target.
     """

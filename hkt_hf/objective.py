@@ -10,17 +10,23 @@ single carrier is the input of both prediction heads (classification heads, or l
 `get_output_embeddings()`), L_c* and L_p* replay just the heads on m. For carriers elsewhere, L_p* needs the parent
 downstream of m: that pass (no graph upstream of its carriers) follows the child's, and replaces the plain parent
 pass unless KD needs the parent's own prediction; L_c* runs a second, equally truncated child pass. A term whose
-weight is 0 is not computed.
+weight is 0 is not computed. Every pass but the Trainer's own runs without a KV cache (packed, padding-free batches
+stay separate sequences), and only each model's first pass of a batch updates its batch-norm statistics.
 
 Positions and normalisation. Gates mix only real positions (the batch's attention mask for token features) and
 their statistics average over those. Every term is first a mean over this batch's items: labels that are not -100
 (after the causal shift for causal LMs, as transformers' ForCausalLMLoss). Given `num_items_in_batch` (the item
 count of the whole accumulated batch, as the Trainer computes it), the terms are rescaled to sum / num_items_in_batch,
 the Trainer's own normalisation, so gradient accumulation over padded batches gives the update of one big batch.
+Where the Trainer's loss is a mean over each batch (no `num_items_in_batch`, or a model whose loss ignores it, such
+as BERT's classifiers), every term is that mean too, and the Trainer's own scaling (its division by the accumulation
+steps, or none) applies to all of them alike.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -32,7 +38,6 @@ from .carriers import CarrierPair
 from .extraction import FeatureExtractor, FeatureSpec, base_of, resolve_module
 from .losses import (
     IGNORE_INDEX,
-    TOKEN_TASKS,
     count_items,
     head_loss,
     kd_loss,
@@ -42,6 +47,7 @@ from .losses import (
 )
 from .mixture import GateOutput, masked_mean
 from .parent import shared_vocabulary
+from .passes import forward_inputs, model_inputs, model_label_names, running_stats_kept, without_cache  # noqa: F401
 from .tasks import reads_last_token, task_of
 from .transfer import match_size
 
@@ -69,29 +75,16 @@ class StepResult:
 
 
 def prediction(outputs: Any) -> torch.Tensor:
-    """What a model predicts: its `logits`, or else its first tensor output besides the loss (`predicted_flow`...)."""
+    """What a model predicts: its `logits`; extractive QA's start and end logits as [B, 2, N] (two distributions over
+    the positions); or else its first tensor output besides the loss (`predicted_flow`...)."""
     if getattr(outputs, "logits", None) is not None:
         return outputs.logits
+    if getattr(outputs, "start_logits", None) is not None and getattr(outputs, "end_logits", None) is not None:
+        return torch.stack((outputs.start_logits, outputs.end_logits), 1)
     for key, value in outputs.items():
         if key != "loss" and isinstance(value, torch.Tensor):
             return value
     raise ValueError(f"Cannot find the prediction in {type(outputs).__name__} (fields {list(outputs.keys())}) for KD.")
-
-
-def model_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
-    """The batch without labels, for passes whose loss is computed here rather than by the model."""
-    return {k: v for k, v in inputs.items() if k != "labels"}
-
-
-def forward_inputs(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
-    """The batch without labels; an encoder-decoder gets the decoder inputs it would build from the labels."""
-    out = model_inputs(inputs)
-    base = base_of(model)
-    prepare = getattr(base, "prepare_decoder_input_ids_from_labels", None)
-    if (getattr(base.config, "is_encoder_decoder", False) and "decoder_input_ids" not in out and callable(prepare)
-            and inputs.get("labels") is not None):
-        out["decoder_input_ids"] = prepare(labels=inputs["labels"])
-    return out
 
 
 # ---- gates on real positions -----------------------------------------------------------------------------------------
@@ -110,7 +103,8 @@ def real_positions(model: nn.Module, spec: FeatureSpec, inputs: dict[str, Any], 
         return None
     if on_decoder(model, spec):
         mask = inputs.get("decoder_attention_mask")
-        mask = mask if mask is not None else inputs["labels"].ne(IGNORE_INDEX)
+        labels = inputs.get("labels")
+        mask = mask if mask is not None or labels is None else labels.ne(IGNORE_INDEX)
     else:
         mask = inputs.get("attention_mask")
     return mask.bool() if mask is not None and tuple(mask.shape) == tuple(feature.shape[:2]) else None
@@ -139,6 +133,17 @@ def gate_stats(name: str, gate: GateOutput, mask: torch.Tensor | None, head_inde
         rows = torch.arange(gate.gate.shape[0], device=gate.gate.device)
         stats[f"hkt/{name}/gate_at_head_token"] = gate.gate.detach()[rows, head_index].float().mean()
     return stats
+
+
+def check_targets(inputs: dict[str, Any], label_names: Sequence[str]) -> None:
+    """Refuse a batch without the targets that every HKT term needs."""
+    missing = [name for name in label_names if name not in inputs]
+    if missing:
+        raise ValueError(
+            f"HKT needs the targets {list(label_names)} in every training batch (missing: {missing}): each of its loss "
+            "terms uses the ground truth. Check the collator and `remove_unused_columns`, or set "
+            "`label_names` in the training arguments to the names of the batch's targets."
+        )
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -179,6 +184,9 @@ class HKTObjective:
         # (which keeps [positions, vocabulary] log-probabilities for backward); only where the trainer has checked
         # that the two are the same loss (`own_loss_replayable`, no label smoothing or custom loss function).
         self.native_replay = native_replay
+        # Whether the Trainer's loss for the child is a mean over each batch although the Trainer passes it
+        # `num_items_in_batch` (a model whose loss ignores the count); set by the trainer on the first step.
+        self.native_is_mean: bool | None = None
         self.grad_path_checked = False  # the child's carriers are checked for a gradient path in the first step
 
     @property
@@ -188,38 +196,46 @@ class HKTObjective:
 
     def __call__(
         self, child: nn.Module, adapter: HKTAdapter, inputs: dict[str, Any], native: NativeLoss,
-        num_items_in_batch: torch.Tensor | int | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None, *, mean_factor: float = 1.0,
+        label_names: Sequence[str] | None = None,
     ) -> StepResult:
-        """`native(inputs) -> (loss, outputs)` is the Trainer's own loss on the child (normalised by
-        `num_items_in_batch` when that is given, as the Trainer normalises it)."""
-        if inputs.get("labels") is None or count_items(child, inputs["labels"]) == 0:
-            return self._without_items(inputs, native)
+        """`native(inputs) -> (loss, outputs)` is the Trainer's own loss on the child: the summed loss over
+        `num_items_in_batch` when that is given, else a mean over this batch times `mean_factor` (see `_combine`).
+        `label_names` are the batch's targets (the Trainer's `label_names`; by default the child's own)."""
+        label_names = list(label_names) if label_names else model_label_names(child)
+        if "labels" in label_names and (inputs.get("labels") is None or count_items(child, inputs["labels"]) == 0):
+            return self._without_items(inputs, native, label_names)
+        check_targets(inputs, label_names)
         _, w1, w2 = self.weights
         kd = self.args.hkt_kd_weight > 0
         mixing = w1 > 0 or w2 > 0
         parent_out, h = None, {}
-        if kd or (mixing and (self.replay or w2 == 0)):  # the plain parent pass, first
-            parent_out, h = self._parent_pass(inputs, capture=mixing)
-        specs = [c.child for c in self.carriers] if mixing or self.native_replay else []
+        plain_parent = kd or (mixing and (self.replay or w2 == 0))
+        if plain_parent:  # the plain parent pass, first
+            parent_out, h = self._parent_pass(inputs, capture=mixing, label_names=label_names)
+        # Without HKT terms or KD the step is the Trainer's own, bit for bit.
+        native_replay = self.native_replay and (mixing or kd)
+        specs = [c.child for c in self.carriers] if mixing or native_replay else []
         check = torch.is_grad_enabled() and not self.grad_path_checked
         self.grad_path_checked |= check
         with FeatureExtractor(child, specs, role="child", check_grad_path=check) as ext:
-            if self.native_replay:
-                outputs = child(**forward_inputs(child, inputs))
+            if native_replay:
+                outputs = child(**forward_inputs(child, inputs, label_names))
             else:
                 native_loss, outputs = native(dict(inputs))
         q = ext.features
-        if self.native_replay:
-            native_loss = self._replayed_native(child, inputs, q[0], num_items_in_batch)
+        if native_replay:
+            native_loss = self._replayed_native(child, inputs, q[0], num_items_in_batch, mean_factor)
         terms, gates = {}, {}
-        if mixing:
-            step = self._replay_heads if self.replay else self._truncated_passes
-            terms, gates = step(child, adapter, inputs, q, h)
+        if self.replay and mixing:
+            terms, gates = self._replay_heads(child, adapter, inputs, q, h)
+        elif mixing:
+            terms, gates = self._truncated_passes(child, adapter, inputs, q, h, parent_counted=plain_parent)
         if kd:
             terms["kd"] = kd_loss(*shared_vocabulary(prediction(outputs), prediction(parent_out)),
-                                  self.args.hkt_kd_temperature,
-                                  self.args.hkt_kd_loss, target_mask(child, inputs["labels"]))
-        result = self._combine(child, inputs, native_loss, outputs, terms, num_items_in_batch)
+                                  self.args.hkt_kd_temperature, self.args.hkt_kd_loss,
+                                  target_mask(child, inputs.get("labels")))
+        result = self._combine(child, inputs, native_loss, outputs, terms, num_items_in_batch, mean_factor)
         result.gates = {str(c): gates[i] for i, c in enumerate(self.carriers) if i in gates}
         result.stats = self._stats(child, inputs, q, gates)
         if not torch.isfinite(result.loss):
@@ -227,21 +243,24 @@ class HKTObjective:
         return result
 
     @staticmethod
-    def _without_items(inputs: dict[str, Any], native: NativeLoss) -> StepResult:
+    def _without_items(inputs: dict[str, Any], native: NativeLoss, label_names: Sequence[str]) -> StepResult:
         """A batch without labels, or whose labels are all -100 (or with no rows): the HKT terms, sums over its
         items, are 0, so the step is the plain Trainer's own (its loss, or its error, e.g. for a model that returns
         no loss without labels)."""
         loss, outputs = native(dict(inputs))
-        if inputs.get("labels") is None:
-            raise ValueError("HKT needs labels in every training batch: each of its loss terms uses the ground truth.")
+        check_targets({k: v for k, v in inputs.items() if v is not None}, label_names)
         return StepResult(loss, outputs, {"native": loss.detach().float()})
 
     def _combine(self, child: nn.Module, inputs: dict[str, Any], native_loss: torch.Tensor, outputs: Any,
-                 terms: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None) -> StepResult:
-        """Weighted sum of the terms. With `num_items_in_batch`, the native loss already is sum / num_items_in_batch
-        and each other term (a mean over this batch's items) is rescaled to the same; `parts` hold the means."""
+                 terms: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None,
+                 mean_factor: float = 1.0) -> StepResult:
+        """Weighted sum of the terms, each normalised as the Trainer normalised the native loss, so their weights hold
+        with and without gradient accumulation. With `num_items_in_batch`, the native loss is sum /
+        num_items_in_batch and each other term (a mean over this batch's items) is rescaled to the same; without, the
+        native loss is this batch's mean times `mean_factor` (the Trainer's factor for several processes), and so is
+        each term. `parts` hold the means."""
         native_loss = native_loss.float()
-        native_part, scale = native_loss, 1.0
+        native_part, scale = native_loss / mean_factor, mean_factor
         if num_items_in_batch is not None:
             items = count_items(child, inputs["labels"]).to(native_loss.device)
             scale = items / num_items_in_batch
@@ -252,18 +271,23 @@ class HKTObjective:
         return StepResult(loss, outputs, {"native": native_part, **terms})
 
     def _replayed_native(self, child: nn.Module, inputs: dict[str, Any], q: torch.Tensor,
-                         num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
-        """The child's own token loss from its head replayed on q, normalised as the model normalises it: summed
-        over `num_items_in_batch` when that is given, else a mean over the positions with a target."""
+                         num_items_in_batch: torch.Tensor | int | None, mean_factor: float = 1.0) -> torch.Tensor:
+        """The child's own token loss from its head replayed on q, normalised as the Trainer's loss is: summed over
+        `num_items_in_batch` when that is given, else a mean over the positions with a target (times
+        `mean_factor`)."""
         head = resolve_module(child, self.carriers[0].child.module)
         total, count = token_loss_sum(head, q, target_labels(child, inputs["labels"]))
-        return total / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
+        if num_items_in_batch is not None:
+            return total / num_items_in_batch
+        return total / count.clamp(min=1) * mean_factor
 
-    def _parent_pass(self, inputs: dict[str, Any], capture: bool) -> tuple[Any, dict[int, torch.Tensor]]:
-        """The parent's plain pass without autograd; captures its carrier features when asked."""
+    def _parent_pass(self, inputs: dict[str, Any], capture: bool, label_names: Sequence[str] | None = None
+                     ) -> tuple[Any, dict[int, torch.Tensor]]:
+        """The parent's plain pass without autograd (and without a cache); captures its carrier features when asked.
+        A `train-bn` parent's batch-norm statistics count the batch here, once."""
         specs = [c.parent for c in self.carriers] if capture else []
         with torch.no_grad(), FeatureExtractor(self.parent, specs, role="parent") as ext:
-            out = self.parent(**forward_inputs(self.parent, inputs))
+            out = self.parent(**forward_inputs(self.parent, inputs, label_names))
         return out, ext.features
 
     def _mix(self, child: nn.Module, adapter: HKTAdapter, i: int, q: torch.Tensor, h: torch.Tensor,
@@ -293,19 +317,23 @@ class HKTObjective:
         _, w1, w2 = self.weights
         pair = self.carriers[0]
         gate = self._mix(child, adapter, 0, q[0], h[0], inputs)
-        labels = inputs["labels"]
         terms = {}
         if w1 > 0:
             terms["child_mixed"] = head_loss(child, resolve_module(child, pair.child.module), gate.mixed.to(q[0].dtype),
-                                             labels)
+                                             inputs)
         if w2 > 0:
             terms["parent_head"] = head_loss(self.parent, resolve_module(self.parent, pair.parent.module),
-                                             self._into_parent(adapter, 0, gate.mixed, h[0]), labels)
+                                             self._into_parent(adapter, 0, gate.mixed, h[0]), inputs)
         return terms, {0: gate}
 
-    def _truncated_passes(self, child, adapter, inputs, q, h):
+    def _truncated_passes(self, child, adapter, inputs, q, h, parent_counted: bool):
         """L_p* from the parent's pass downstream of m (it captures the parent features itself), L_c* from a child
-        pass downstream of m; each records a graph only after its first replaced carrier."""
+        pass downstream of m; each records a graph only after its first replaced carrier, and runs without a cache.
+
+        Batch-norm statistics count each batch once per model: the child's in its native pass (its mixed pass keeps
+        them), a `train-bn` parent's in its first pass of the step: the plain pass when there is one
+        (`parent_counted`), else this truncated pass, which, like the reference code's single hooked parent pass,
+        normalises downstream of m with m's statistics."""
         _, w1, w2 = self.weights
         gates: dict[int, GateOutput] = {}
         parent_features = dict(h)
@@ -317,9 +345,10 @@ class HKTObjective:
                 return self._into_parent(adapter, i, gates[i].mixed, feature)
 
             specs = [c.parent for c in self.carriers]
-            with torch.no_grad(), FeatureExtractor(self.parent, specs, into_parent, grad_after_replace=True,
-                                                   role="parent"):
-                terms["parent_head"] = model_loss(self.parent(**inputs), "parent")
+            keep_stats = running_stats_kept(self.parent) if parent_counted else nullcontext()
+            with torch.no_grad(), keep_stats, FeatureExtractor(self.parent, specs, into_parent,
+                                                               grad_after_replace=True, role="parent"):
+                terms["parent_head"] = model_loss(self.parent(**without_cache(self.parent, inputs)), "parent")
         else:
             gates = {i: self._mix(child, adapter, i, q[i], h[i], inputs) for i in range(len(self.carriers))}
         if w1 > 0:
@@ -339,8 +368,9 @@ class HKTObjective:
             return self._mix(child, adapter, i, feature, parent_features[i], inputs).mixed.to(feature.dtype)
 
         specs = [c.child for c in self.carriers]
-        with torch.no_grad(), FeatureExtractor(child, specs, into_child, grad_after_replace=True, role="child"):
-            return model_loss(child(**inputs), "child")
+        with torch.no_grad(), running_stats_kept(child), FeatureExtractor(child, specs, into_child,
+                                                                            grad_after_replace=True, role="child"):
+            return model_loss(child(**without_cache(child, inputs)), "child")
 
 
 def model_loss(outputs: Any, role: str) -> torch.Tensor:

@@ -8,27 +8,29 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .carriers import CarrierPair, head_carrier
 from .extraction import FeatureExtractor, FeatureSpec, resolve_module
-from .losses import TOKEN_TASKS, target_labels, token_loss
-from .objective import forward_inputs
-from .tasks import task_of
+from .losses import QA_TASK, TOKEN_TASKS, head_prediction, target_labels, token_loss
+from .objective import prediction
+from .passes import forward_inputs
+from .tasks import loss_task
 
-# Tasks with one target per sample; their heads (like those of TOKEN_TASKS) can be replayed on m.
+# Tasks with one target per sample; their heads (like those of TOKEN_TASKS and extractive QA's) can be replayed on m.
 SEQUENCE_TASKS = frozenset({"text-classification", "image-classification", "audio-classification",
                             "video-classification"})
+REPLAYABLE_TASKS = TOKEN_TASKS | SEQUENCE_TASKS | {QA_TASK}
 
 
 def head_replay_possible(carriers: list[CarrierPair], parent: nn.Module, child: nn.Module) -> bool:
     """True when the only carrier is the input of both prediction heads of two models of the same (classification
     or token) task, so replaying the heads on m gives L_c* and L_p*."""
-    task = task_of(child)
-    if len(carriers) != 1 or task not in TOKEN_TASKS | SEQUENCE_TASKS or task_of(parent) != task:
+    task = loss_task(child)
+    if len(carriers) != 1 or task not in REPLAYABLE_TASKS or loss_task(parent) != task:
         return False
     try:
         return carriers[0] == head_carrier(parent, child)
@@ -66,7 +68,8 @@ def probe(
             with FeatureExtractor(model, specs, role=role) as ext:
                 out = model(**forward_inputs(model, inputs))
             if replay_ok and 0 in ext.features:  # the head replayed after the pass, which must run it once
-                replayed, logits = resolve_module(model, specs[0].module)(ext.features[0]).float(), out.logits.float()
+                head = resolve_module(model, specs[0].module)
+                replayed, logits = head_prediction(model, head(ext.features[0])).float(), prediction(out).float()
                 replay_ok = replayed.shape == logits.shape and torch.allclose(replayed, logits, atol=1e-5, rtol=1e-4)
         missing = [str(specs[i]) for i in range(len(specs)) if i not in ext.features]
         if missing:
@@ -79,7 +82,7 @@ def probe(
 def own_loss_replayable(child: nn.Module, head: FeatureSpec, inputs: dict[str, Any]) -> bool:
     """Whether the child's own loss on `inputs` is the token cross-entropy of its head replayed on the head's input
     (no auxiliary terms, no post-processing), so the native term can be computed from that input in chunks."""
-    if task_of(child) not in TOKEN_TASKS or inputs.get("labels") is None:
+    if loss_task(child) not in TOKEN_TASKS or inputs.get("labels") is None:
         return False
     with in_eval_mode(child):
         with FeatureExtractor(child, [head], role="child") as ext:
@@ -88,3 +91,14 @@ def own_loss_replayable(child: nn.Module, head: FeatureSpec, inputs: dict[str, A
                               target_labels(child, inputs["labels"]))
     own = getattr(out, "loss", None)
     return own is not None and torch.allclose(replayed, own.float(), atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+def loss_ignores_item_count(native: Callable[[int | torch.Tensor], torch.Tensor], child: nn.Module,
+                            num_items_in_batch: int | torch.Tensor) -> bool:
+    """Whether the Trainer's loss `native(num_items_in_batch)` on one batch is a mean over that batch although the
+    Trainer passes the count (a forward taking `**kwargs` whose loss does not use them, e.g. BERT's classifiers): the
+    same loss for twice the count. The Trainer then neither divides by the count nor by the accumulation steps."""
+    with in_eval_mode(child):
+        once, twice = (native(count).float() for count in (num_items_in_batch, 2 * num_items_in_batch))
+    return bool(torch.allclose(once, twice, rtol=1e-5, atol=0))

@@ -89,6 +89,16 @@ def task_of(model_or_class: nn.Module | type) -> str | None:
     return found[0] if found else None
 
 
+def loss_task(model_or_class: nn.Module | type) -> str | None:
+    """The task whose head and loss the model has, for the losses HKT computes itself: `task_of`, except that speech
+    sequence-to-sequence models (Whisper; `AutoModelForSpeechSeq2Seq`) are sequence-to-sequence LMs
+    ("text2text-generation": an output-embedding head, token cross-entropy over the decoder's labels)."""
+    found = _lookup(model_or_class)
+    if found is None:
+        return None
+    return "text2text-generation" if found[1].__name__ == "AutoModelForSpeechSeq2Seq" else found[0]
+
+
 def auto_class_for(model_or_class: nn.Module | type) -> type:
     """The Auto class that loads this model with its head (e.g. `AutoModelForCausalLM` for `LlamaForCausalLM`);
     `AutoModel` only for models no task-specific Auto class lists."""

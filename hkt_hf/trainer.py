@@ -28,7 +28,7 @@ from .lineage import lineage_record, write_lineage
 from .model_card import TAGS, add_lineage_to_card
 from .objective import HKTObjective, NonFiniteLossError, StepResult
 from .parent import check_compatible, check_finite_weights, check_vocabularies, frozen, load_parent
-from .probing import head_replay_possible, own_loss_replayable, probe
+from .probing import head_replay_possible, loss_ignores_item_count, own_loss_replayable, probe
 from .sharding import place_parent, release_parent_leftovers
 from .tasks import auto_class_for, task_of
 from .training_args import HKTTrainingArguments
@@ -261,9 +261,13 @@ class HKTTrainer(ResumeWithWeightConversion):
         def native(batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
             return self._native_loss(batch, num_items_in_batch)
 
+        with self.accelerator.autocast():
+            items, mean_factor = self._items_per_process(inputs, num_items_in_batch)
+
         def step() -> StepResult:
             with self.accelerator.autocast():
-                return self._objective(child, adapter, inputs, native, self._items_per_process(num_items_in_batch))
+                return self._objective(child, adapter, inputs, native, items, mean_factor=mean_factor,
+                                       label_names=self.label_names)
 
         if model is child:
             return step()
@@ -278,12 +282,29 @@ class HKTTrainer(ResumeWithWeightConversion):
         child = self.accelerator.unwrap_model(self.model)
         return super().compute_loss(child, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch)
 
-    def _items_per_process(self, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | int | None:
-        """The count the HKT terms divide by: `Trainer.compute_loss` multiplies a loss normalised by the count over
-        all processes by their number (DDP averages gradients), so the same factor is taken out of the count."""
-        if num_items_in_batch is None or not self.args.average_tokens_across_devices:
-            return num_items_in_batch
-        return num_items_in_batch / (self.accelerator.num_processes // self.get_tp_size())
+    def _items_per_process(
+        self, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
+    ) -> tuple[torch.Tensor | int | None, float]:
+        """How the Trainer normalises the child's loss on this batch, for the HKT terms to follow it:
+        (the count it divides the summed loss by, 1.0), or (None, its factor) where that loss is a mean over the batch.
+
+        `Trainer.compute_loss` multiplies its loss by the number of processes when it has the count (DDP averages
+        gradients): a count over all processes is divided by it, a mean multiplied. A loss is a mean without the
+        count (the Trainer then divides it by the accumulation steps itself), or with it when the model ignores it
+        (BERT's classifiers: the Trainer divides by nothing), which the first step measures
+        (`loss_ignores_item_count`); a `compute_loss_func` is taken to use it, as the Trainer does."""
+        if num_items_in_batch is None:
+            return None, 1.0
+        factor = 1.0
+        if self.args.average_tokens_across_devices:
+            factor = float(self.accelerator.num_processes // self.get_tp_size())
+        if self._objective.native_is_mean is None:
+            child = self.accelerator.unwrap_model(self.model)
+            self._objective.native_is_mean = self.compute_loss_func is None and loss_ignores_item_count(
+                lambda count: self._native_loss(inputs, count)[0], child, num_items_in_batch)
+        if self._objective.native_is_mean:
+            return None, factor
+        return (num_items_in_batch / factor if factor != 1 else num_items_in_batch), 1.0
 
     def _record(self, result: StepResult) -> None:
         for key, value in result.logs.items():

@@ -1,0 +1,76 @@
+"""How each pass of a training step is fed: the batch without its targets where the loss is computed elsewhere, the
+decoder inputs an encoder-decoder builds from its labels, no KV cache, and batch-norm statistics that count each
+batch once per model. Used by the objective and by the probe before training."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any
+
+from torch import nn
+from transformers.models.bart.modeling_bart import shift_tokens_right
+from transformers.utils import find_labels
+
+from .extraction import base_of
+
+
+@lru_cache(maxsize=None)
+def _forward_parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def model_label_names(model: nn.Module) -> list[str]:
+    """The names of the model's targets as the Trainer infers them from its forward (`labels`; `start_positions` and
+    `end_positions` for extractive QA), plus `labels`."""
+    return sorted(set(find_labels(type(base_of(model)))) | {"labels"})
+
+
+def model_inputs(inputs: dict[str, Any], label_names: Collection[str] = ("labels",)) -> dict[str, Any]:
+    """The batch without its targets (`labels`, or the names given), for passes whose loss is computed elsewhere."""
+    return {k: v for k, v in inputs.items() if k not in label_names}
+
+
+def without_cache(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` with `use_cache=False` where the model's forward takes it. With a cache, transformers does not read
+    packed sequences (padding-free batches: `position_ids`, no attention mask) as separate, so they would attend to
+    each other; the Trainer turns the child's cache off (`args.use_cache`), never the parent's."""
+    if "use_cache" in _forward_parameters(type(base_of(model))):
+        return {**kwargs, "use_cache": False}
+    return kwargs
+
+
+def forward_inputs(model: nn.Module, inputs: dict[str, Any], label_names: Sequence[str] | None = None
+                   ) -> dict[str, Any]:
+    """The batch without its targets (`label_names`, by default the model's own) and without a cache, for passes whose
+    loss is computed here rather than by the model; an encoder-decoder gets the decoder inputs it would build from
+    the labels (`prepare_decoder_input_ids_from_labels`, else the labels shifted right as Whisper or BART do)."""
+    out = model_inputs(inputs, {*(model_label_names(model) if label_names is None else label_names), "labels"})
+    base = base_of(model)
+    if (getattr(base.config, "is_encoder_decoder", False) and "decoder_input_ids" not in out
+            and inputs.get("labels") is not None):
+        prepare = getattr(base, "prepare_decoder_input_ids_from_labels", None)
+        if callable(prepare):
+            out["decoder_input_ids"] = prepare(labels=inputs["labels"])
+        else:
+            out["decoder_input_ids"] = shift_tokens_right(inputs["labels"], base.config.pad_token_id,
+                                                          base.config.decoder_start_token_id)
+    return without_cache(model, out)
+
+
+@contextmanager
+def running_stats_kept(model: nn.Module) -> Iterator[None]:
+    """While active, the model's batch-norm layers in train mode still normalise with the batch's statistics but do
+    not update their running statistics (nor `num_batches_tracked`): extra passes over a batch whose statistics the
+    model's own pass has already counted, partly on mixed features, must not count it again."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    for norm in norms:
+        norm.track_running_stats = False
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True
