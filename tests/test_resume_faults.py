@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -541,3 +542,47 @@ def test_saved_weights_in_another_layout_are_converted_back(tmp_path):
     model.load_state_dict(load_runtime_state_dict(model, tmp_path))
     for key, value in saved.items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+# ---- 5b. two real processes (torchrun) ----------------------------------------------------------------------------
+
+
+class SlowThenDyingSecondProcess(HKTTrainer):
+    """Process 1 writes its RNG state of checkpoint-2 late, and dies before writing that of checkpoint-4."""
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        if self.args.process_index == 1:
+            if self.state.global_step == 4:
+                os._exit(3)
+            time.sleep(2)
+        super()._save_rng_state(output_dir)
+
+
+def two_process_worker(out: Path) -> None:
+    """Run by `torchrun --nproc_per_node 2 tests/test_resume_faults.py OUT`."""
+    torch.set_num_threads(1)
+    args = H.training_args(out, per_device_train_batch_size=2, max_steps=4, save_strategy="steps", save_steps=2,
+                           hkt_carriers=[CARRIER])
+    trainer = SlowThenDyingSecondProcess(H.tiny_vit(8, seed=2), args, train_dataset=H.image_dataset(16),
+                                         parent_model=H.tiny_vit(16, seed=1))
+    trainer.train()
+
+
+def test_the_marker_of_a_two_process_save_waits_for_both_and_a_dead_process_leaves_none(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
+               str(out)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0, proc.stdout[-3000:] + proc.stderr[-3000:]  # process 1 died at step 4
+    complete = out / "checkpoint-2"
+    assert is_complete(complete), proc.stderr[-3000:]
+    files = json.loads((complete / COMPLETE_MARKER).read_text())["files"]
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(files)  # written after the late process 1
+    verify_checkpoint(complete)
+    assert (out / "checkpoint-4" / "model.safetensors").is_file() and not is_complete(out / "checkpoint-4")
+    assert not (out / "checkpoint-4" / "rng_state_1.pth").exists()
+
+
+if __name__ == "__main__":
+    two_process_worker(Path(sys.argv[1]))
