@@ -162,7 +162,7 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
     try:
         manifest = json.loads(text)
         files = manifest["files"]
-        if not isinstance(files, dict) or not isinstance(manifest["world_size"], int):
+        if not isinstance(manifest["world_size"], int) or not all(isinstance(e, dict) for e in files.values()):
             raise TypeError
     except (json.JSONDecodeError, KeyError, TypeError):
         raise ValueError(
@@ -183,7 +183,8 @@ def _file_problem(path: Path, entry: dict[str, Any]) -> str | None:
     if not stat.S_ISREG(info.st_mode):
         return "is not a regular file (a directory, a device, a FIFO, or a symlink to one)"
     if info.st_size != entry.get("size"):
-        return f"has {info.st_size} bytes, {entry.get('size')} when its save completed: the file is truncated or corrupt"
+        return (f"has {info.st_size} bytes, {entry.get('size')} when its save completed: the file is truncated or "
+                "corrupt")
     try:
         digest = _sampled_sha256(path, info.st_size)
     except OSError as err:
@@ -224,7 +225,8 @@ def resolve_resume_checkpoint(resume: str | bool | None, output_dir: str) -> str
     if resume is True:
         found = complete_checkpoints(output_dir)
         if not found:
-            plain = [p for p in sorted(Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")) if is_plain_trainer_checkpoint(p)]
+            folders = sorted(Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"), key=lambda p: _step(p) or -1)
+            plain = [p for p in folders if is_plain_trainer_checkpoint(p)]
             raise ValueError(
                 f"resume_from_checkpoint=True but {output_dir} holds no complete HKT checkpoint."
                 + (f" {plain_trainer_diagnosis(plain[-1])}" if plain else "")

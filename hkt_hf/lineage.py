@@ -192,8 +192,8 @@ def resume_lineage(checkpoint: str | os.PathLike, current: Mapping[str, Any], st
         )
     if accepted:
         listed = "; ".join(describe_change(k, old.get(k), current.get(k)) for k in accepted)
-        logger.warning(f"Resuming from {checkpoint} with changed settings that keep its objective and parent ({listed}); "
-                       f"{HKT_CONFIG_NAME} records them under resumed_changes.")
+        logger.warning(f"Resuming from {checkpoint} with changed settings that keep its objective and parent "
+                       f"({listed}); {HKT_CONFIG_NAME} records them under resumed_changes.")
     changes = [{"step": step, "setting": k, "old": old.get(k), "new": current.get(k)} for k in accepted]
     return {**current, "resumed_changes": old.get("resumed_changes", []) + changes}
 

@@ -52,7 +52,8 @@ def load_runtime_state_dict(model: PreTrainedModel, folder: str | os.PathLike) -
     saved = {key: value for path in weight_files(folder) for key, value in _read(path).items()}
     runtime = model.state_dict()
     name_of = {id(t): k for k, t in runtime.items()}
-    saved_to_runtime = {k: name_of[id(t)] for k, t in revert_weight_conversion(model, runtime).items() if id(t) in name_of}
+    reverted = revert_weight_conversion(model, runtime)
+    saved_to_runtime = {k: name_of[id(t)] for k, t in reverted.items() if id(t) in name_of}
     renamed = {saved_to_runtime.get(k, k): v for k, v in saved.items()}
     if set(renamed) <= set(runtime):
         return renamed

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageClassification,
@@ -42,7 +42,13 @@ import helpers as H  # noqa: E402
 from hkt_hf import HKTTrainer  # noqa: E402
 from hkt_hf.adapter import ADAPTER_WEIGHTS_NAME  # noqa: E402
 from hkt_hf.checkpointing import COMPLETE_MARKER, is_complete, mark_complete, verify_checkpoint  # noqa: E402
-from hkt_hf.lineage import FORMAT_VERSION, HKT_CONFIG_NAME, format_lineage, parent_fingerprint, read_lineage  # noqa: E402
+from hkt_hf.lineage import (  # noqa: E402
+    FORMAT_VERSION,
+    HKT_CONFIG_NAME,
+    format_lineage,
+    parent_fingerprint,
+    read_lineage,
+)
 from hkt_hf.transformers_workarounds import load_runtime_state_dict  # noqa: E402
 
 CARRIER = "vit.layers.0=vit.layers.0"
@@ -508,8 +514,11 @@ def test_load_best_model_at_end_restores_a_vit_child(tmp_path):
 
 def test_load_best_model_at_end_restores_a_bert_child(tmp_path):
     tokenizer = H.word_tokenizer()
-    data = H.sentiment_dataset(16).map(lambda row: tokenizer(row["text"], padding="max_length", truncation=True, max_length=12),
-                                       remove_columns=["text"]).rename_column("label", "labels")
+
+    def encode(row):
+        return tokenizer(row["text"], padding="max_length", truncation=True, max_length=12)
+
+    data = H.sentiment_dataset(16).map(encode, remove_columns=["text"]).rename_column("label", "labels")
     out = tmp_path / "bert"
     vocab = len(tokenizer)
     trainer = HKTTrainer(H.tiny_bert(8, vocab, seed=2), best_args(out), parent_model=H.tiny_bert(16, vocab, seed=1),
