@@ -29,7 +29,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .adapter import ADAPTER_WEIGHTS_NAME
-from .lineage import FRESH_START, HKT_CONFIG_NAME, resume_lineage
+from .lineage import FRESH_START, FROM_WEIGHTS, HKT_CONFIG_NAME, resume_lineage
 
 logger = logging.get_logger(__name__)
 
@@ -149,22 +149,22 @@ def plain_trainer_diagnosis(folder: str | os.PathLike) -> str:
     return (
         f"{folder} is a checkpoint of the plain Trainer (no {HKT_CONFIG_NAME} / {ADAPTER_WEIGHTS_NAME}): HKTTrainer "
         "cannot resume it (its optimizer holds no state for the aligners and gates, and no HKT settings were "
-        "recorded). To start HKT from its weights, " + FRESH_START.format(checkpoint=folder)
+        "recorded). To start HKT from its weights, " + FROM_WEIGHTS.format(checkpoint=folder)
     )
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
     """The marker's manifest; None for a marker of an earlier hkt-hf, which lists nothing."""
     marker = folder / COMPLETE_MARKER
-    text = marker.read_text()
-    if text.strip() == _LEGACY_MARKER:
-        return None
     try:
+        text = marker.read_text()
+        if text.strip() == _LEGACY_MARKER:
+            return None
         manifest = json.loads(text)
         files = manifest["files"]
         if not isinstance(manifest["world_size"], int) or not all(isinstance(e, dict) for e in files.values()):
             raise TypeError
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise ValueError(
             f"Cannot resume from {folder}: its completion marker {marker} is damaged. " + _earlier_advice(folder)
         ) from None

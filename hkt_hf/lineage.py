@@ -44,10 +44,11 @@ OBJECTIVE_KEYS = (
 PARENT_NAME_KEYS = ("hkt_parent", "hkt_parent_revision", "parent_commit")
 _NOT_COMPARED = ("format_version", "resumed_changes")
 # How to go on from a checkpoint that cannot be resumed.
-FRESH_START = (
-    "start a new run from its weights without resuming: load the child with from_pretrained('{checkpoint}') and call "
-    "train() without resume_from_checkpoint (its aligners, gates and optimizer start afresh)."
+FROM_WEIGHTS = (
+    "load the child with from_pretrained('{checkpoint}') and call train() without resume_from_checkpoint (its "
+    "aligners, gates and optimizer start afresh)."
 )
+FRESH_START = "start a new run from its weights without resuming: " + FROM_WEIGHTS
 
 
 def parent_fingerprint(parent: nn.Module) -> str | None:

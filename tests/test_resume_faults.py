@@ -373,6 +373,14 @@ def test_a_checkpoint_file_overwritten_after_its_save_is_refused(run_copy, tmp_p
     assert f"{checkpoint / name}: it has" in message, message
 
 
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"files": [], "world_size": 1}', "\udcff"])
+def test_a_damaged_completion_marker_is_refused_naming_it(run_copy, content):
+    marker = run_copy / "checkpoint-2" / COMPLETE_MARKER
+    marker.write_bytes(content.encode("utf-8", "surrogateescape"))
+    message = refused(vit_trainer(run_copy, max_steps=4), True)
+    assert f"its completion marker {marker} is damaged" in message, message
+
+
 # ---- 5. a save that some process did not finish --------------------------------------------------------------------
 
 
