@@ -92,6 +92,7 @@ def mark_complete(checkpoint_dir: str | os.PathLike, world_size: int = 1, save_o
     files = _listed_files(folder)
     missing = [name for name in required_files(world_size, save_only_model) if name not in files]
     if missing:
+        (folder / COMPLETE_MARKER).unlink(missing_ok=True)
         logger.error(f"{folder} is not marked complete: it lacks {', '.join(missing)}. It cannot be resumed.")
         return False
     manifest = {"manifest_version": MANIFEST_VERSION, "world_size": world_size, "save_only_model": save_only_model,
@@ -240,8 +241,10 @@ def resolve_resume_checkpoint(resume: str | bool | None, output_dir: str) -> str
             raise ValueError(plain_trainer_diagnosis(checkpoint))
         if not is_complete(checkpoint):
             last = last_complete_checkpoint(checkpoint.parent)
+            lacking = [str(checkpoint / name) for name in required_files(1, True) if not (checkpoint / name).is_file()]
             raise ValueError(
-                f"{resume} is not a complete checkpoint (no '{COMPLETE_MARKER}' marker: its save was interrupted). "
+                f"{resume} is not a complete checkpoint (no '{COMPLETE_MARKER}' marker: its save was interrupted"
+                + (f"; it lacks {', '.join(lacking)}). " if lacking else "). ")
                 + (f"Resume from {last} instead." if last else "No complete checkpoint exists beside it.")
             )
     verify_checkpoint(checkpoint)

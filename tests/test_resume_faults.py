@@ -158,6 +158,14 @@ def test_a_damaged_adapter_state_is_refused_naming_it(run_copy, tmp_path, how, m
     assert "earlier" in message
 
 
+def test_marking_a_checkpoint_without_its_adapter_state_unmarks_it(run_copy):
+    checkpoint = run_copy / "checkpoint-2"
+    (checkpoint / ADAPTER_WEIGHTS_NAME).unlink()
+    assert not mark_complete(checkpoint) and not is_complete(checkpoint)
+    message = refused(vit_trainer(run_copy, max_steps=4), str(checkpoint))
+    assert f"it lacks {checkpoint / ADAPTER_WEIGHTS_NAME}" in message, message
+
+
 class Unreadable:
     """Makes `open` of one path fail as a file without read permission does (root reads anything, so chmod cannot)."""
 
