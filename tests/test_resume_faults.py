@@ -173,7 +173,7 @@ class Unreadable:
         self.path, self.real_open = str(path), open
         for module in ("hkt_hf.checkpointing", "hkt_hf.adapter"):
             monkeypatch.setattr(f"{module}.open", self, raising=False)
-        monkeypatch.setattr(Path, "read_bytes", self.read_bytes)
+        monkeypatch.setattr(Path, "read_bytes", lambda p: self.read_bytes(p))
 
     def read_bytes(self, path: Path) -> bytes:
         with self(path, "rb") as f:
