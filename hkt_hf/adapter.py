@@ -9,10 +9,13 @@ exactly as it was. Its state is never part of the child's weights file: checkpoi
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 from torch import nn
 
 from .carriers import CarrierPair
@@ -95,16 +98,38 @@ def save_adapter_state(state: dict[str, torch.Tensor], folder: str | os.PathLike
     return path
 
 
-def load_adapter_state(adapter: HKTAdapter, folder: str | os.PathLike) -> bool:
-    """Load `folder/hkt_adapter.safetensors` into `adapter` (strict); False if the folder has none."""
-    path = Path(folder) / ADAPTER_WEIGHTS_NAME
-    if not path.is_file():
-        return False
+def read_adapter_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter state file; ValueError naming it if it is missing, a dangling symlink, not a
+    regular file (never opened then: a FIFO or a device would block or never end), unreadable or not safetensors."""
+    path = Path(path)
+    advice = "Resume from an earlier complete checkpoint of the same run."
     try:
-        adapter.load_state_dict(load_file(str(path)))
+        info = os.stat(path)
+    except FileNotFoundError:
+        what = "is a dangling symlink" if path.is_symlink() else "is missing"
+        raise ValueError(
+            f"{path} {what}: an HKT checkpoint always holds the aligners' and gates' state (an empty file when they "
+            f"have no parameters), so this checkpoint is incomplete or not HKT's. {advice}"
+        ) from None
+    except OSError as err:
+        raise ValueError(f"{path} cannot be read ({err.strerror}). {advice}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path} is not a regular file (a directory, a device, a FIFO, or a symlink to one). {advice}")
+    try:
+        return safetensors.torch.load(path.read_bytes())
+    except OSError as err:
+        raise ValueError(f"{path} cannot be read ({err.strerror or err}). {advice}") from None
+    except SafetensorError as err:
+        raise ValueError(f"{path} is truncated or corrupt: not a safetensors file ({err}). {advice}") from None
+
+
+def load_adapter_state(adapter: HKTAdapter, folder: str | os.PathLike) -> None:
+    """Load `folder/hkt_adapter.safetensors` into `adapter` (strict): a resume never goes on with fresh aligners."""
+    path = Path(folder) / ADAPTER_WEIGHTS_NAME
+    try:
+        adapter.load_state_dict(read_adapter_state(path))
     except RuntimeError as err:
         raise ValueError(
             f"{path} does not match this run's aligners and gates ({err}). Resume with the carriers, gate and models "
             "of the run that wrote the checkpoint."
         ) from None
-    return True

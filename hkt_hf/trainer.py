@@ -22,9 +22,9 @@ from transformers.utils import logging
 
 from .adapter import HKTAdapter, get_adapter, inject_adapter, load_adapter_state, remove_adapter, save_adapter_state
 from .carriers import resolve_carriers
-from .checkpointing import CheckpointCommitCallback, resolve_resume_checkpoint
+from .checkpointing import CheckpointCommitCallback, begin_save, prepare_resume
 from .extraction import base_of
-from .lineage import lineage_record, write_lineage
+from .lineage import lineage_record, parent_identity, write_lineage
 from .model_card import TAGS, add_lineage_to_card
 from .objective import HKTObjective, NonFiniteLossError, StepResult
 from .parent import check_compatible, check_finite_weights, check_vocabularies, frozen, load_parent
@@ -117,6 +117,7 @@ class HKTTrainer(ResumeWithWeightConversion):
             parent_name = getattr(getattr(base_of(parent), "config", None), "_name_or_path", None) or None
         self.parent_name = parent_name or type(base_of(parent)).__name__
         check_finite_weights(parent, self.parent_name)
+        identity = parent_identity(parent)  # by content, while the parent is still whole
         check_compatible(parent, self.model)
         check_vocabularies(parent, self.model, self.processing_class, parent_name, self.args.hkt_parent_revision)
         self.carriers = resolve_carriers(self.args.hkt_carriers, parent, self.model)
@@ -124,7 +125,7 @@ class HKTTrainer(ResumeWithWeightConversion):
         self.parent_model, self.parent_engine = place_parent(parent, self.accelerator, self.args.device)
         self.hkt_lineage = lineage_record(
             self.args, parent=parent_name, carriers=[str(c) for c in self.carriers],
-            child_architecture=type(base_of(self.model)).__name__,
+            child_architecture=type(base_of(self.model)).__name__, **identity,
         )
         if self.args.hkt_on_nonfinite == "skip" and self.args.world_size > 1:
             raise ValueError("hkt_on_nonfinite='skip' works in a single process only; use 'stop' with several.")
@@ -183,7 +184,9 @@ class HKTTrainer(ResumeWithWeightConversion):
         """
         if self.train_dataset is not None and hasattr(self.train_dataset, "__len__") and len(self.train_dataset) == 0:
             raise ValueError("The training dataset is empty; HKT needs labelled training examples.")
-        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        resume_from_checkpoint, self.hkt_lineage = prepare_resume(
+            resume_from_checkpoint, self.args.output_dir, self.hkt_lineage
+        )
         with ExitStack() as stack:
             # Frozen for the whole run too, not only inside each step: backward (and any activation checkpointing
             # recomputed in it) runs after `compute_loss` has returned.
@@ -342,10 +345,14 @@ class HKTTrainer(ResumeWithWeightConversion):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model` (the plain child's weights: the adapter's keys are never in them), plus the lineage
-        record and, while training, the adapter's state in its own file for an exact resume."""
-        super().save_model(output_dir, _internal_call)
+        record and, while training, the adapter's state in its own file for an exact resume. A save of the plain child
+        leaves no adapter state or completion marker of an earlier save in the folder (`checkpointing.begin_save`)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        adapter_state = self._full_adapter_state() if get_adapter(self.accelerator.unwrap_model(self.model)) else None
+        attached = get_adapter(self.accelerator.unwrap_model(self.model)) is not None
+        if self.args.should_save:
+            begin_save(output_dir, attached)
+        super().save_model(output_dir, _internal_call)
+        adapter_state = self._full_adapter_state() if attached else None
         if self.args.should_save:
             write_lineage(self.hkt_lineage, output_dir)
             if adapter_state is not None:

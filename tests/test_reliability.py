@@ -277,7 +277,7 @@ def test_truncated_training_checkpoint_is_refused_on_resume(tmp_path):
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"format_version": FORMAT_VERSION + 1}, r"format_version 3; this hkt-hf reads versions 1..2. Upgrade hkt-hf"),
+        ({"format_version": FORMAT_VERSION + 1}, rf"format_version {FORMAT_VERSION + 1}; this hkt-hf reads versions 1..{FORMAT_VERSION}. Upgrade hkt-hf"),
         ({"format_version": "one"}, r"format_version 'one'.*Upgrade hkt-hf"),
         ({"hkt_tokens_per_gate": 4}, r"Unknown HKT settings \['hkt_tokens_per_gate'\]"),
         ({"hkt_kd_weight": -1.0}, r"not a valid lineage record: hkt_kd_weight must be >= 0"),
