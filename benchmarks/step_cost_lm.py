@@ -5,9 +5,10 @@ the same fixed-seed random token batches, every method interleaved round-robin o
 medians and time ratios against TRL's `GKDTrainer` step. Both models are randomly initialised: the step's cost does
 not depend on what the weights are.
 
-    python benchmarks/step_cost_lm.py            # full measurement, sequence 256 (see the README for run time)
+    python benchmarks/step_cost_lm.py            # full measurement, sequence 256, 7 rounds (see the README)
+    python benchmarks/step_cost_lm.py --quick    # the same sizes and warm-up, 4 rounds: same ratios, wider spread
     python benchmarks/step_cost_lm.py --seq 512  # the longer sequence, about twice the time
-    python benchmarks/step_cost_lm.py --quick    # smoke run on tiny sizes, about a minute
+    python benchmarks/step_cost_lm.py --smoke    # tiny sizes, one round: checks that it runs, its ratios mean nothing
 
 What runs for each method (all through `training_step` of a transformers `Trainer` subclass, then an SGD step):
 
@@ -25,6 +26,9 @@ What runs for each method (all through `training_step` of a transformers `Traine
   `lm_head:input=lm_head:input` (hidden 256 -> 128 through a trained aligner).
 - `hkt_layer`: the same with a decoder-layer carrier, `model.layers.5=model.layers.1` (last layer of each).
 
+Every mode but `--smoke` times the full sizes after the same warm-up (`step_timing.WARMUP_ROUNDS`); each ratio is
+the median of per-round ratios, reported with its spread (see `step_timing`).
+
 If an hkt-hf method fails on its first step, its error is recorded in the output (`errors`) and the others go on.
 Memory: the bytes of the distinct non-parameter storages autograd saves for backward during one step, and how many of
 them are vocabulary-sized (saved as a tensor whose last dimension is the vocabulary).
@@ -36,22 +40,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
-from transformers.data.data_collator import default_data_collator
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from common import recipe_args
+from step_timing import (
     MIB,
+    WARMUP_ROUNDS,
     Batch,
     Step,
     breakdown_table,
@@ -63,12 +63,16 @@ from common import (  # noqa: E402
     peer_missing,
     phase_breakdown,
     progress,
-    recipe_args,
+    ratio_results,
     saved_for_backward,
+    spread_text,
     trainer_step,
+    warm_up,
 )
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
+from transformers.data.data_collator import default_data_collator
 
-from hkt_hf import HKTTrainer, HKTTrainingArguments  # noqa: E402
+from hkt_hf import HKTTrainer, HKTTrainingArguments
 
 PEER = "gkd"
 HKT_METHODS = ("hkt_kd", "hkt_lm_head", "hkt_layer")
@@ -95,8 +99,12 @@ class Sizes:
 
 FULL = Sizes(vocab=32_000, seq=256, batch=4, parent_layers=6, parent_hidden=256, child_layers=2, child_hidden=128,
              repeats=7, phase_repeats=2)
-QUICK = Sizes(vocab=2_000, seq=64, batch=4, parent_layers=6, parent_hidden=64, child_layers=2, child_hidden=32,
-              repeats=3, phase_repeats=1)
+MODES = {
+    "full": FULL,
+    "quick": replace(FULL, repeats=4, phase_repeats=1),  # what the full run measures, in fewer rounds
+    "smoke": Sizes(vocab=2_000, seq=64, batch=4, parent_layers=6, parent_hidden=64, child_layers=2, child_hidden=32,
+                   repeats=1, phase_repeats=1),
+}
 
 
 def llama(layers: int, hidden: int, sizes: Sizes) -> LlamaForCausalLM:
@@ -227,8 +235,10 @@ def run(sizes: Sizes, threads: int | None) -> dict[str, Any]:
         phases = {name: lm_phases(t.model, parents[name]) if parents[name] is not None
                   else {"child forward": [t.model, t.model.model]} for name, t in trainers.items()}
 
-        progress(f"first step of each method, saved-for-backward, then {sizes.repeats} timed rounds")
+        progress(f"first step of each method, {WARMUP_ROUNDS} warm-up rounds, saved-for-backward, "
+                 f"then {sizes.repeats} timed rounds")
         errors = first_steps(steps, batches[0])
+        warm_up(steps, batches)
         params = parameter_storages(*(t.model for t in trainers.values()), *filter(None, parents.values()))
         saved = {name: saved_for_backward(step, batches[0], params, last_dim=sizes.vocab)
                  for name, step in steps.items()}
@@ -237,8 +247,7 @@ def run(sizes: Sizes, threads: int | None) -> dict[str, Any]:
         breakdown = phase_breakdown(steps, phases, batches, sizes.phase_repeats)
 
     step_s = {name: median(t) for name, t in times.items()}
-    ratio = lambda name: step_s[name] / step_s[PEER] if name in step_s else None  # noqa: E731
-    result: dict[str, Any] = {key: ratio(name) for key, name in RATIO_KEYS.items()}
+    result = ratio_results(times, {key: (name, PEER) for key, name in RATIO_KEYS.items()})
     hkt_saved = saved.get("hkt_lm_head")
     result["saved_mib_hkt_lm_over_peer"] = hkt_saved[0] / saved[PEER][0] if hkt_saved else None
     result.update({
@@ -247,7 +256,8 @@ def run(sizes: Sizes, threads: int | None) -> dict[str, Any]:
         "saved_vocab_tensors": {name: n for name, (_, n) in saved.items()},
         "phases": breakdown,
         "errors": errors,
-        "settings": {**asdict(sizes), "threads": torch.get_num_threads(), "precision": "fp32",
+        "settings": {**asdict(sizes), "warmup_rounds": WARMUP_ROUNDS, "threads": torch.get_num_threads(),
+                     "precision": "fp32",
                      "memory": "saved-for-backward bytes per step, parameters excluded",
                      "data": "fixed-seed random tokens, every position trained on"},
     })
@@ -259,18 +269,22 @@ def report(result: dict[str, Any]) -> str:
     shape = f"batch {s['batch']} x seq {s['seq']} x vocab {s['vocab']:,}"
     rows = [
         f"Parent {s['parent_layers']} x {s['parent_hidden']}, child {s['child_layers']} x {s['child_hidden']}, "
-        f"{shape}, fp32, {s['repeats']} interleaved repeats, {s['threads']} threads.",
+        f"{shape}, fp32, {s['warmup_rounds']} warm-up rounds, {s['repeats']} timed interleaved rounds, {s['threads']} "
+        "threads. Time ratios: median of the per-round ratios (middle half of the rounds, all rounds)."
+        + (" A smoke run: its sizes are not the benchmark's, its ratios mean nothing." if s["mode"] == "smoke" else ""),
         "",
         "| method | step (s, median) | x GKD | saved-for-backward MiB | x GKD | vocab-sized tensors saved |",
         "|---|---|---|---|---|---|",
     ]
-    peer_s, peer_mib = result["step_s"][PEER], result["saved_mib"][PEER]
+    peer_mib = result["saved_mib"][PEER]
+    ratio_key = {name: key for key, name in RATIO_KEYS.items()}
     for name in METHODS:
         if name in result["errors"]:
             rows.append(f"| {name} | failed: {result['errors'][name]} | | | | |")
             continue
         t, mib = result["step_s"][name], result["saved_mib"][name]
-        rows.append(f"| {name} | {t:.3f} | {t / peer_s:.2f} | {mib:.1f} | {mib / peer_mib:.2f} | "
+        ratio = spread_text(result["spread"][ratio_key[name]]) if name in ratio_key else "1"
+        rows.append(f"| {name} | {t:.3f} | {ratio} | {mib:.1f} | {mib / peer_mib:.2f} | "
                     f"{result['saved_vocab_tensors'][name]} |")
     missed = missed_targets(result, TARGETS)
     if "hkt_kd" in result["saved_mib"]:
@@ -291,18 +305,22 @@ def report(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke run")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--quick", action="store_true", help="the full sizes and warm-up, fewer rounds")
+    modes.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks that it runs (CI)")
     for field, value in asdict(FULL).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=None,
-                            help=f"default {value} (quick: {getattr(QUICK, field)})")
+                            help=f"default {value} (quick: {getattr(MODES['quick'], field)}, "
+                                 f"smoke: {getattr(MODES['smoke'], field)})")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=None,
                         help="also write the result to this .json file and its table to the same name with .md")
     args = parser.parse_args(argv)
-    base = QUICK if args.quick else FULL
-    sizes = Sizes(**{f: getattr(args, f) if getattr(args, f) is not None else v for f, v in asdict(base).items()})
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    sizes = Sizes(**{f: getattr(args, f) if getattr(args, f) is not None else v
+                     for f, v in asdict(MODES[mode]).items()})
     result = run(sizes, args.threads)
-    result["settings"]["quick"] = args.quick
+    result["settings"]["mode"] = mode
     emit(result, "step_cost_lm.py", "Step cost, language model", report(result), args.out, argv)
     return 0
 
