@@ -40,7 +40,8 @@ from common import (
     prepare,
     recipe_args,
 )
-from harness import CACHE, REPO, RESULTS, RunLog, atomic_write_json, by_method, commands_line, relative, write_report
+from comparison import kd_settings
+from harness import CACHE, REPO, RESULTS, RunLog, atomic_write_json, by_method, commands_line, notes_lines, write_report
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments
@@ -51,11 +52,11 @@ from hkt_hf.model_card import render_model_card
 
 LOG_NAME = "cifar10.jsonl"
 MODEL_CARD = REPO / "model_cards" / "hkt-resnet20-cifar10-jpeg.md"
-KD = dict(hkt_kd_weight=1.0, hkt_kd_temperature=4.0)
+KD = dict(hkt_kd_weight=1.0, hkt_kd_temperature=4.0)  # the KD term of the HKT + KD variants
 # The HKTTrainingArguments of each method; None = the child alone, with the plain transformers Trainer.
 METHODS: dict[str, dict[str, Any] | None] = {
     "child": None,
-    "kd": dict(hkt_loss_weights=[1.0, 0.0, 0.0], **KD),
+    "kd": kd_settings(weight=1.0, temperature=4.0),  # the package's KD: HKTTrainer, loss weights [1, 0, 0]
     "hkt": {},  # the reference settings: head-input carrier, genetic gate, lambda 0.6, weights [1, 1, 1]
     "hkt+kd": dict(**KD),
     "hkt-agreement": dict(hkt_gate="agreement"),
@@ -174,7 +175,8 @@ def run_all(opts: argparse.Namespace, argv: list[str]) -> Path:
                 print(f"skip {key}: already in {log.path}", flush=True)
                 continue
             print(f"run {key} ({rec['steps']} steps)", flush=True)
-            log.add_run(key, **run_one(method, seed, rec, data, parent, cache / "runs" / out.name / method / f"seed{seed}"))
+            folder = cache / "runs" / out.name / method / f"seed{seed}"
+            log.add_run(key, **run_one(method, seed, rec, data, parent, folder), folder=log.relative(folder))
             print(f"done {key}: {log.runs[key]['test_accuracy']:.2f} %", flush=True)
     finish()
     report(out)
@@ -191,7 +193,7 @@ def run_one(method: str, seed: int, rec: dict[str, Any], data, parent, folder: P
     trainer.create_model_card(model_name=f"resnet20-cifar10-jpeg-{method}", dataset="cifar10 (JPEG re-encode)",
                               tags=["image-classification", "cifar10"])
     record = {"method": method, "seed": seed, "settings": METHODS[method], "test_accuracy": accuracy,
-              "train_s": seconds, "logs": final_logs(trainer), "folder": relative(folder)}
+              "train_s": seconds, "logs": final_logs(trainer)}
     if isinstance(trainer, HKTTrainer):
         record["lineage"] = load_lineage(folder)
     return record
@@ -222,10 +224,7 @@ def markdown_table(log: RunLog) -> str:
     if "adapted-parent" in ref:
         lines.append(f"| parent: ResNet-56 adapted to the JPEG train split, {ref['adapted-parent']['steps']} steps "
                      f"| {ref['adapted-parent']['test_accuracy']:.2f} |")
-    lines += ["", recipe_line(rec), "", commands_line(log.commands.values())]
-    for note in sorted({run["note"] for run in log.runs.values() if "note" in run}):
-        keys = sorted(key for key, run in log.runs.items() if run.get("note") == note)
-        lines += ["", f"{', '.join(f'`{k}`' for k in keys)}: {note}"]
+    lines += ["", recipe_line(rec), "", commands_line(log.commands.values()), *notes_lines(log.runs)]
     return "\n".join(lines)
 
 

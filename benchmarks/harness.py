@@ -11,8 +11,9 @@ benchmark loses at most the run in progress, and a re-run skips every run alread
   replaces an earlier one.
 - `command`: one invocation (argv, start, commit); a second line of the same id adds its wall time when it ends.
 
-Paths in a log are relative (to the repository when inside it, else to the log's folder), so that a log reads the
-same on every machine; `append` refuses a line holding an absolute path.
+Paths in a log are relative, so that a log reads the same on every checkout: a file or folder relative to the log's
+own folder (`RunLog.relative` / `RunLog.resolve`), a command line relative to the repository's root, where the
+commands run; `append` refuses a line holding an absolute path.
 """
 
 from __future__ import annotations
@@ -55,12 +56,8 @@ def provenance(repo: Path = REPO) -> dict[str, Any]:
 
 
 def relative(path: str | os.PathLike, start: str | os.PathLike = REPO) -> str:
-    """`path` relative to the repository when it is inside it, else relative to `start`."""
-    path = Path(os.path.abspath(path))
-    try:
-        return path.relative_to(REPO).as_posix()
-    except ValueError:
-        return Path(os.path.relpath(path, os.path.abspath(start))).as_posix()
+    """`path` relative to `start` (by default the repository's root, where the commands run)."""
+    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(start))).as_posix()
 
 
 def relative_argv(argv: Iterable[str], start: str | os.PathLike = REPO) -> list[str]:
@@ -168,6 +165,14 @@ class RunLog:
         self._write(line)
         self._take(line)
 
+    def relative(self, path: str | os.PathLike) -> str:
+        """`path` as the log stores it: relative to the log's folder."""
+        return relative(path, self.path.parent)
+
+    def resolve(self, stored: str) -> Path:
+        """A path stored by `relative`, back on this machine."""
+        return (self.path.parent / stored).resolve()
+
     def finished(self, run_id: str) -> bool:
         return run_id in self.runs
 
@@ -201,6 +206,15 @@ def commands_line(commands: Iterable[dict[str, Any]]) -> str:
     finished = sum(c.get("wall_s", 0.0) for c in commands)
     return ("Commands: " + "; ".join(one(c) for c in commands)
             + f". Wall time of the finished invocations: {finished / 60:.1f} min.")
+
+
+def notes_lines(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown paragraphs naming the runs that carry each `note` (how they differ from the rest)."""
+    lines = []
+    for note in sorted({run["note"] for run in runs.values() if "note" in run}):
+        keys = sorted(key for key, run in runs.items() if run.get("note") == note)
+        lines += ["", f"{', '.join(f'`{k}`' for k in keys)}: {note}"]
+    return lines
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

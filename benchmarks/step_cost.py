@@ -45,11 +45,9 @@ from step_timing import (
     WARMUP_ROUNDS,
     Batch,
     Step,
-    breakdown_table,
     emit,
     measure,
     median,
-    missed_targets,
     parameter_storages,
     peer_missing,
     phase_breakdown,
@@ -57,6 +55,7 @@ from step_timing import (
     ratio_results,
     saved_for_backward,
     spread_text,
+    targets_section,
     trainer_step,
     warm_up,
 )
@@ -87,7 +86,7 @@ class Mode:
     latency_repeats: int
 
 
-MODES = {"full": Mode(BATCH_SIZE, 4, 15, 3, 40), "quick": Mode(BATCH_SIZE, 4, 5, 1, 10), "smoke": Mode(16, 2, 1, 1, 2)}
+MODES = {"full": Mode(BATCH_SIZE, 4, 15, 3, 40), "quick": Mode(BATCH_SIZE, 4, 5, 0, 10), "smoke": Mode(16, 2, 1, 1, 2)}
 
 
 def torchdistill_box(child: torch.nn.Module, parent: torch.nn.Module) -> Any:
@@ -235,7 +234,7 @@ def run(mode_name: str, bf16: bool, threads: int | None) -> dict[str, Any]:
         warm_up(methods.steps, batches)
         saved = {name: saved_for_backward(step, batches[0], methods.params)[0] for name, step in methods.steps.items()}
         times = measure(methods.steps, batches, mode.repeats)
-        progress("phase breakdown")
+        progress("phase breakdown" if mode.phase_repeats else "no phase breakdown")
         breakdown = phase_breakdown(methods.steps, methods.phases, batches, mode.phase_repeats)
         progress("export and inference latency")
 
@@ -303,10 +302,7 @@ def report(result: dict[str, Any]) -> str:
         "",
         f"Exported over plain latency: {spread_text(result['spread']['export_latency_ratio'])}.",
     ]
-    missed = missed_targets(result, TARGETS)
-    if missed:
-        rows += ["", "Targets missed: " + "; ".join(missed) + ". Where each step's time goes (seconds per step, share; "
-                 "the rest is backward, loss terms, the gate and Python):", "", breakdown_table(result["phases"])]
+    rows += targets_section(result, TARGETS, "the rest is backward, loss terms, the gate and Python")
     return "\n".join(rows)
 
 

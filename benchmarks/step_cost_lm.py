@@ -54,11 +54,9 @@ from step_timing import (
     WARMUP_ROUNDS,
     Batch,
     Step,
-    breakdown_table,
     emit,
     measure,
     median,
-    missed_targets,
     parameter_storages,
     peer_missing,
     phase_breakdown,
@@ -66,6 +64,7 @@ from step_timing import (
     ratio_results,
     saved_for_backward,
     spread_text,
+    targets_section,
     trainer_step,
     warm_up,
 )
@@ -101,7 +100,7 @@ FULL = Sizes(vocab=32_000, seq=256, batch=4, parent_layers=6, parent_hidden=256,
              repeats=7, phase_repeats=2)
 MODES = {
     "full": FULL,
-    "quick": replace(FULL, repeats=4, phase_repeats=1),  # what the full run measures, in fewer rounds
+    "quick": replace(FULL, repeats=4, phase_repeats=0),  # what the full run measures, in fewer rounds
     "smoke": Sizes(vocab=2_000, seq=64, batch=4, parent_layers=6, parent_hidden=64, child_layers=2, child_hidden=32,
                    repeats=1, phase_repeats=1),
 }
@@ -243,7 +242,7 @@ def run(sizes: Sizes, threads: int | None) -> dict[str, Any]:
         saved = {name: saved_for_backward(step, batches[0], params, last_dim=sizes.vocab)
                  for name, step in steps.items()}
         times = measure(steps, batches, sizes.repeats)
-        progress("phase breakdown")
+        progress("phase breakdown" if sizes.phase_repeats else "no phase breakdown")
         breakdown = phase_breakdown(steps, phases, batches, sizes.phase_repeats)
 
     step_s = {name: median(t) for name, t in times.items()}
@@ -286,7 +285,6 @@ def report(result: dict[str, Any]) -> str:
         ratio = spread_text(result["spread"][ratio_key[name]]) if name in ratio_key else "1"
         rows.append(f"| {name} | {t:.3f} | {ratio} | {mib:.1f} | {mib / peer_mib:.2f} | "
                     f"{result['saved_vocab_tensors'][name]} |")
-    missed = missed_targets(result, TARGETS)
     if "hkt_kd" in result["saved_mib"]:
         rows += ["", "With LM-head carriers (`hkt_lm_head`, and `hkt_kd`, whose carrier is the head's input too) the "
                  "child's own cross-entropy is computed from its head replayed on the head's input in chunks (checked "
@@ -294,12 +292,10 @@ def report(result: dict[str, Any]) -> str:
                  "[positions, vocabulary] log-probabilities for backward; the replayed heads keep their gradients "
                  "(computed in forward), and KD keeps only its gradient, one logits-sized tensor. The price is one "
                  "more head projection per step: the child's forward still computes its logits."]
-    if missed:
-        rows += ["", "Targets missed: " + "; ".join(missed) + ". Where each step's time goes (seconds per step, share; "
-                 "TRL's chunked projection and the rest of backward, loss terms, gates and Python are in the last "
-                 "column; TRL runs `chunked`'s whole loss, teacher backbone included, inside the student's forward "
-                 "(`_forward_redirection`), so there it all counts as child forward):", "",
-                 breakdown_table(result["phases"])]
+    rows += targets_section(result, TARGETS, "TRL's chunked projection and the rest of backward, loss terms, gates and "
+                            "Python are in the last column; TRL runs `chunked`'s whole loss, teacher backbone included, "
+                            "inside the student's forward (`_forward_redirection`), so there it all counts as child "
+                            "forward")
     return "\n".join(rows)
 
 

@@ -206,9 +206,11 @@ PHASE_ORDER = ("parent forward", "child forward", "head replay", "optimizer step
 
 def phase_breakdown(
     steps: dict[str, Step], phases: dict[str, dict[str, list[nn.Module]]], batches: list[Batch], repeats: int
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, dict[str, Any]] | None:
     """Per method, mean seconds per step of each phase and forward calls per step (a separate, hooked pass: the hooks
-    cost a little, so these are for the shares, not for the headline times)."""
+    cost a little, so these are for the shares, not for the headline times). None with `repeats` 0."""
+    if repeats == 0:
+        return None
     result = {}
     for name, step in steps.items():
         timer = PhaseTimer(phases[name])
@@ -240,6 +242,19 @@ def missed_targets(result: dict[str, Any], targets: dict[str, float]) -> list[st
     """The `key <= bound` targets that `result` misses, as readable lines."""
     return [f"`{key}` = {result[key]:.3f} > {bound}" for key, bound in targets.items()
             if isinstance(result.get(key), float) and result[key] > bound]
+
+
+def targets_section(result: dict[str, Any], targets: dict[str, float], rest: str) -> list[str]:
+    """Report lines on the missed targets, with the phase breakdown (`rest` says what its last column holds), or
+    none when every target is met."""
+    missed = missed_targets(result, targets)
+    if not missed:
+        return []
+    lines = ["", "Targets missed: " + "; ".join(missed) + "."]
+    if result["phases"] is None:
+        return lines + ["", "The full run breaks each step into phases."]
+    return lines + ["", f"Where each step's time goes (seconds per step, share; {rest}):", "",
+                    breakdown_table(result["phases"])]
 
 
 def emit(result: dict[str, Any], script: str, title: str, markdown: str, out: Path | None,

@@ -25,11 +25,11 @@ The last line printed is one JSON object with every metric.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from comparison import KDTrainer, cached_parent, last_gate_logs, run_all, write_result
 from transformers import Trainer, TrainingArguments, set_seed
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments
@@ -37,6 +37,10 @@ from hkt_hf.data.images import CIFAR10_HUB_ID, load_image_dataset
 from hkt_hf.data.optical_flow import KnownWarpFlow
 from hkt_hf.metrics import evaluate_flow
 from hkt_hf.models import RaftConfig, RaftForOpticalFlow
+
+# The comparison harness (resumable run log, KD baseline settings, cached parent) is the benchmarks' own.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from comparison import cached_parent, kd_settings, last_gate_logs, run_all, write_result  # noqa: E402
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 CARRIERS = {
@@ -118,11 +122,10 @@ def run_child(args: argparse.Namespace, method: str, seed: int, parent: RaftForO
     start = time.perf_counter()
     if method == "alone":
         trainer = Trainer(child, TrainingArguments(**kwargs), train_dataset=train)
-    elif method == "kd":
-        trainer = KDTrainer(child, TrainingArguments(**kwargs), train_dataset=train, teacher=parent,
-                            kd_weight=args.kd_weight, kind="l1")
     else:
-        hkt_args = HKTTrainingArguments(**kwargs, hkt_carriers=CARRIERS[method], hkt_gate=args.gate)
+        # The KD baseline (L1 between the two final flows) needs carriers only to build; it trains none of them.
+        hkt = kd_settings(args.kd_weight, loss="l1") if method == "kd" else dict(hkt_gate=args.gate)
+        hkt_args = HKTTrainingArguments(**kwargs, hkt_carriers=CARRIERS.get(method, CARRIERS["hkt-2"]), **hkt)
         trainer = HKTTrainer(child, hkt_args, train_dataset=train, parent_model=parent)
     trainer.train()
     result = {"method": method, "seed": seed, "train_seconds": round(time.perf_counter() - start, 1)}

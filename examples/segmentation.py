@@ -23,11 +23,11 @@ The last line prints one JSON object with every metric.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from comparison import KDTrainer, cached_parent, last_gate_logs, run_all, write_result
 from transformers import (
     SegformerConfig,
     SegformerForSemanticSegmentation,
@@ -41,6 +41,10 @@ from hkt_hf import HKTTrainer, HKTTrainingArguments
 from hkt_hf.data.images import CIFAR10_HUB_ID, load_image_dataset, strided_subset
 from hkt_hf.data.segmentation import make_pasted_segmentation, prepare_segmentation_dataset
 from hkt_hf.metrics import evaluate_segmentation
+
+# The comparison harness (resumable run log, KD baseline settings, cached parent) is the benchmarks' own.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from comparison import cached_parent, kd_settings, last_gate_logs, run_all, write_result  # noqa: E402
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 PASTED_LABELS = 11  # background + 10 CIFAR classes
@@ -152,11 +156,9 @@ def run_child(args, method: str, seed: int, parent, train, test, num_labels: int
     start = time.perf_counter()
     if method == "alone":
         trainer = Trainer(child, TrainingArguments(**kwargs), train_dataset=train)
-    elif method == "kd":
-        trainer = KDTrainer(child, TrainingArguments(**kwargs), train_dataset=train, teacher=parent,
-                            kd_weight=args.kd_weight, temperature=args.kd_temperature)
     else:
-        hkt_args = HKTTrainingArguments(**kwargs, hkt_carriers=args.carriers, hkt_gate=args.gate)
+        hkt = kd_settings(args.kd_weight, args.kd_temperature) if method == "kd" else dict(hkt_gate=args.gate)
+        hkt_args = HKTTrainingArguments(**kwargs, hkt_carriers=args.carriers, **hkt)
         trainer = HKTTrainer(child, hkt_args, train_dataset=train, parent_model=parent)
     trainer.train()
     result = {"method": method, "seed": seed, "train_seconds": round(time.perf_counter() - start, 1)}
