@@ -41,7 +41,19 @@ from common import (
     recipe_args,
 )
 from comparison import kd_settings
-from harness import CACHE, REPO, RESULTS, RunLog, atomic_write_json, by_method, commands_line, notes_lines, write_report
+from harness import (
+    CACHE,
+    REPO,
+    RESULTS,
+    RunLog,
+    atomic_write_json,
+    benchmark_parser,
+    by_method,
+    commands_line,
+    notes_lines,
+    run_missing,
+    write_report,
+)
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments
@@ -152,7 +164,7 @@ def run_all(opts: argparse.Namespace, argv: list[str]) -> Path:
     if opts.steps:
         settings["steps"] = opts.steps
     rec = recipe(settings, bf16=opts.bf16)
-    out: Path = opts.out or (CACHE / "quick-results" if opts.quick else RESULTS)
+    out: Path = opts.out or (opts.cache / "quick-results" if opts.quick else RESULTS)
     log = RunLog.open(out / LOG_NAME, rec)
     finish = log.start_command("benchmarks/cifar10.py", argv)
     if opts.threads:
@@ -168,16 +180,12 @@ def run_all(opts: argparse.Namespace, argv: list[str]) -> Path:
     parent, parent_info = adapted_parent(rec, data, cache)
     log.set_reference("adapted-parent", parent_info)
 
-    for seed in opts.seeds:  # seed-major order: an interrupted run leaves every method with similar seed counts
-        for method in opts.methods:
-            key = f"{method}/seed{seed}"
-            if log.finished(key):
-                print(f"skip {key}: already in {log.path}", flush=True)
-                continue
-            print(f"run {key} ({rec['steps']} steps)", flush=True)
-            folder = cache / "runs" / out.name / method / f"seed{seed}"
-            log.add_run(key, **run_one(method, seed, rec, data, parent, folder), folder=log.relative(folder))
-            print(f"done {key}: {log.runs[key]['test_accuracy']:.2f} %", flush=True)
+
+    def run(method: str, seed: int) -> dict[str, Any]:
+        folder = cache / "runs" / out.name / method / f"seed{seed}"
+        return {**run_one(method, seed, rec, data, parent, folder), "folder": log.relative(folder)}
+
+    run_missing(log, opts.seeds, opts.methods, run)
     finish()
     report(out)
     return log.path
@@ -323,18 +331,10 @@ def report(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few steps on subsets: a CI smoke run")
-    parser.add_argument("--report", action="store_true", help="only regenerate table, plot and card from the JSON")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (default benchmarks/results, or benchmarks/.cache/quick-results)")
-    parser.add_argument("--cache", type=Path, default=CACHE, help="decoded data, adapted parent and child weights")
-    parser.add_argument("--methods", nargs="+", default=["child", "kd", "hkt"], choices=list(METHODS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2 (--quick: 0)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per child run (part of the recipe)")
+    parser = benchmark_parser(__doc__.split("\n\n")[0], METHODS, ["child", "kd", "hkt"], CACHE,
+                              "a few steps on subsets: a CI smoke run")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast + channels-last (faster, but lost accuracy in a check; part of the recipe)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     opts = parser.parse_args(argv)
     if opts.report:
         report(opts.out or RESULTS)

@@ -8,6 +8,7 @@ child's task loss plus the KD term, no HKT term computed).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness import RunLog, by_method, provenance, relative, relative_argv
+from harness import RunLog, by_method, provenance, relative, relative_argv, run_missing
 from transformers import PreTrainedModel, Trainer
 
 
@@ -67,15 +68,27 @@ def run_all(args: Any, methods: list[str], run: Callable[[str, int], dict[str, A
     settings = {k: relative(v) if isinstance(v, str) and os.path.isabs(v) else v
                 for k, v in vars(args).items() if k not in ("json", "seeds", "methods", "output_dir")}
     log = RunLog.open(Path(args.output_dir) / "runs.jsonl", settings)
-    for seed in args.seeds:
-        for method in methods:
-            key = f"{method}/seed{seed}"
-            if log.finished(key):
-                print(f"{method} seed {seed}: taken from {log.path}", file=sys.stderr)
-            else:
-                log.add_run(key, **run(method, seed))
-                print(json.dumps(log.runs[key]), file=sys.stderr)
-    return [log.runs[f"{method}/seed{seed}"] for seed in args.seeds for method in methods]
+    return run_missing(log, args.seeds, methods, run)
+
+
+def comparison_parser(description: str, output_dir: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options every comparison example has: its smoke mode, where runs go, the JSON result and the seeds."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--output_dir", default=output_dir, help="Runs, the run log (runs.jsonl) and the cached parent.")
+    p.add_argument("--json", help="Also write the final metrics to this JSON file.")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="Child seeds: initialisation and data order.")
+    return p
+
+
+def parse_comparison_args(parser: argparse.ArgumentParser, argv: list[str] | None, quick: dict[str, Any]
+                          ) -> argparse.Namespace:
+    """Parse; `--quick` replaces the options named in `quick` by its tiny values."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in quick.items():
+            setattr(args, key, value)
+    return args
 
 
 def write_result(script: str, argv: list[str] | None, args: Any, started: float, parent: PreTrainedModel,

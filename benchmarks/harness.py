@@ -18,6 +18,7 @@ commands run; `append` refuses a line holding an absolute path.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -191,6 +192,41 @@ class RunLog:
         self.append("command", key, argv=argv_text, started=now(), **provenance())
         started = time.perf_counter()
         return lambda: self.append("command", key, wall_s=time.perf_counter() - started)
+
+
+def run_missing(log: RunLog, seeds: Iterable[int], methods: Iterable[str],
+                run: Callable[[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every `method/seed<k>` run in seed-major order (an interrupted benchmark leaves every method with similar
+    seed counts): `run(method, seed)` for those not in the log yet, each logged as soon as it returns. Returns the
+    records of all of them, finished before or now."""
+    seeds, methods = list(seeds), list(methods)
+    for seed in seeds:
+        for method in methods:
+            key = f"{method}/seed{seed}"
+            if log.finished(key):
+                print(f"skip {key}: already in {log.path}", flush=True)
+                continue
+            print(f"run {key}", flush=True)
+            log.add_run(key, **run(method, seed))
+            print(f"done {key}", flush=True)
+    return [log.runs[f"{method}/seed{seed}"] for seed in seeds for method in methods]
+
+
+def benchmark_parser(description: str, methods: Iterable[str], default_methods: Iterable[str], cache: Path,
+                     quick_help: str) -> argparse.ArgumentParser:
+    """The options every accuracy benchmark has: mode, report only, results and cache folders, methods, seeds,
+    steps and threads."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--report", action="store_true", help="only regenerate the report from the results log")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default benchmarks/results, or <cache>/quick-results with --quick)")
+    parser.add_argument("--cache", type=Path, default=cache, help="derived data, parents and every child run")
+    parser.add_argument("--methods", nargs="+", default=list(default_methods), choices=list(methods))
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2 (--quick: 0)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per child run (part of the recipe)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    return parser
 
 
 def commands_line(commands: Iterable[dict[str, Any]]) -> str:

@@ -35,7 +35,17 @@ from typing import Any
 
 import torch
 from comparison import kd_settings
-from harness import CACHE, RESULTS, RunLog, by_method, commands_line, notes_lines, write_report
+from harness import (
+    CACHE,
+    RESULTS,
+    RunLog,
+    benchmark_parser,
+    by_method,
+    commands_line,
+    notes_lines,
+    run_missing,
+    write_report,
+)
 from lm_task import (
     DATA_DIR,
     DATASET,
@@ -151,16 +161,12 @@ def run_all(opts: argparse.Namespace, argv: list[str]) -> Path:
     log.set_reference("parent", {**info, "folder": log.relative(opts.cache / f"parent-{settings['sizes'].key()}")})
     log.set_reference("blocks", {split: len(ds) for split, ds in data.items()})
 
-    for seed in opts.seeds:  # seed-major order: an interrupted run leaves every method with similar seed counts
-        for method in opts.methods:
-            key = f"{method}/seed{seed}"
-            if log.finished(key):
-                print(f"skip {key}: already in {log.path}", flush=True)
-                continue
-            print(f"run {key} ({rec['steps']} steps)", flush=True)
-            run_dir = opts.cache / "runs" / out.name / method / f"seed{seed}"
-            log.add_run(key, **run_one(method, seed, rec, run_dir, data, tokenizer, parent), folder=log.relative(run_dir))
-            print(f"done {key}: test perplexity {log.runs[key]['test_perplexity']:.2f}", flush=True)
+
+    def run(method: str, seed: int) -> dict[str, Any]:
+        run_dir = opts.cache / "runs" / out.name / method / f"seed{seed}"
+        return {**run_one(method, seed, rec, run_dir, data, tokenizer, parent), "folder": log.relative(run_dir)}
+
+    run_missing(log, opts.seeds, opts.methods, run)
     finish()
     report(out, opts.cache)
     return log.path
@@ -275,18 +281,9 @@ def report(out: Path, cache: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
-    parser.add_argument("--report", action="store_true", help="only regenerate table, plot and best child")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (default benchmarks/results, or <cache>/quick-results with --quick)")
-    parser.add_argument("--cache", type=Path, default=CACHE / "language_model",
-                        help="tokenizer, parent, every child run and the best child (save_pretrained folders)")
+    parser = benchmark_parser(__doc__.split("\n\n")[0], METHODS, METHODS, CACHE / "language_model",
+                              "tiny sizes: a smoke run")
     parser.add_argument("--data_dir", type=Path, default=DATA_DIR, help="the python-stdlib parquet folder")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2 (--quick: 0)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per child run (part of the recipe)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     opts = parser.parse_args(argv)
     if opts.report:
         report(opts.out or RESULTS, opts.cache)

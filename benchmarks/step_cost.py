@@ -40,25 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from common import BATCH_SIZE, LR, MOMENTUM, WEIGHT_DECAY, CifarTensors, decoded_split, load_pretrained, prepare, recipe_args
-from step_timing import (
-    MIB,
-    WARMUP_ROUNDS,
-    Batch,
-    Step,
-    emit,
-    measure,
-    median,
-    parameter_storages,
-    peer_missing,
-    phase_breakdown,
-    progress,
-    ratio_results,
-    saved_for_backward,
-    spread_text,
-    targets_section,
-    trainer_step,
-    warm_up,
-)
+import step_timing as timing
 from torch.utils.data import DataLoader
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
 
@@ -94,7 +76,7 @@ def torchdistill_box(child: torch.nn.Module, parent: torch.nn.Module) -> Any:
     try:
         from torchdistill.core.distillation import DistillationBox
     except ImportError as err:
-        raise peer_missing("torchdistill", err) from err
+        raise timing.peer_missing("torchdistill", err) from err
     hooks = {"forward_hook": {"output": ["classifier"]}, "forward_proc": "forward_batch_only"}
     kd = {"student_module_path": "classifier", "student_module_io": "output", "teacher_module_path": "classifier",
           "teacher_module_io": "output", "temperature": KD_TEMPERATURE, "alpha": 1.0, "beta": 1.0,
@@ -112,24 +94,24 @@ def torchdistill_box(child: torch.nn.Module, parent: torch.nn.Module) -> Any:
     return box
 
 
-def box_step(box: Any) -> Step:
+def box_step(box: Any) -> timing.Step:
     """One step as torchdistill's training loop runs it: forward_process, then post_forward_process."""
 
-    def step(batch: Batch) -> None:
+    def step(batch: timing.Batch) -> None:
         loss = box.forward_process(batch["pixel_values"], batch["labels"], {})
         box.post_forward_process(loss=loss)
 
     return step
 
 
-def reference_step(child: torch.nn.Module, parent: torch.nn.Module, lam: float = 0.6) -> Step:
+def reference_step(child: torch.nn.Module, parent: torch.nn.Module, lam: float = 0.6) -> timing.Step:
     """The reference code's step, from the method doc: two child forwards, two parent forwards with the parent in
     train mode and inside autograd (its gradients are computed and thrown away), three cross-entropies."""
     parent.train().requires_grad_(True)
     gate = GeneticGate(lam)
     optimizer = torch.optim.SGD(child.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
-    def step(batch: Batch) -> None:
+    def step(batch: timing.Batch) -> None:
         child.train()
         x, y = batch["pixel_values"], batch["labels"]
         logits = child(pixel_values=x).logits
@@ -169,10 +151,10 @@ class Methods:
                               parent_model=fresh(parent0))
         ref_child, ref_parent = fresh(child0), fresh(parent0)
         steps = {
-            "child": trainer_step(plain),
+            "child": timing.trainer_step(plain),
             PEER: box_step(self.box),
-            "hkt_kd": trainer_step(self.hkt_kd),
-            "hkt": trainer_step(self.hkt),
+            "hkt_kd": timing.trainer_step(self.hkt_kd),
+            "hkt": timing.trainer_step(self.hkt),
             "reference": reference_step(ref_child, ref_parent),
         }
         self.steps = {name: with_autocast(step) for name, step in steps.items()} if bf16 else steps
@@ -188,10 +170,10 @@ class Methods:
             "hkt": phases(self.hkt.model, self.hkt.parent_model),
             "reference": phases(ref_child, ref_parent),
         }
-        self.params = parameter_storages(self.hkt.model, self.hkt.parent_model)
+        self.params = timing.parameter_storages(self.hkt.model, self.hkt.parent_model)
 
     @torch.no_grad()
-    def kd_losses(self, batch: Batch) -> dict[str, float]:
+    def kd_losses(self, batch: timing.Batch) -> dict[str, float]:
         """torchdistill's and hkt-hf's KD loss (both CE + T^2 KL, T = 4) on one batch, from identical weights, both
         children in train mode (batch statistics): the two implementations must agree. Printed, not asserted."""
         peer = self.box.forward_process(batch["pixel_values"], batch["labels"], {})
@@ -199,18 +181,18 @@ class Methods:
         return {"torchdistill": peer.item(), "hkt_hf": ours.item()}
 
 
-def with_autocast(step: Step) -> Step:
-    def run(batch: Batch) -> None:
+def with_autocast(step: timing.Step) -> timing.Step:
+    def run(batch: timing.Batch) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             step(batch)
 
     return run
 
 
-def latency(model: torch.nn.Module, batch: Batch) -> Step:
+def latency(model: torch.nn.Module, batch: timing.Batch) -> timing.Step:
     model.eval()
 
-    def run(_: Batch) -> None:
+    def run(_: timing.Batch) -> None:
         with torch.no_grad():
             model(pixel_values=batch["pixel_values"])
 
@@ -230,23 +212,23 @@ def run(mode_name: str, bf16: bool, threads: int | None) -> dict[str, Any]:
         methods = Methods(Path(tmp), bf16)
         kd_check = methods.kd_losses(batches[0])
         print(f"KD loss on one batch: torchdistill {kd_check['torchdistill']:.6f}, hkt-hf {kd_check['hkt_hf']:.6f}")
-        progress(f"warm-up ({WARMUP_ROUNDS} rounds), saved-for-backward, then {mode.repeats} timed rounds")
-        warm_up(methods.steps, batches)
-        saved = {name: saved_for_backward(step, batches[0], methods.params)[0] for name, step in methods.steps.items()}
-        times = measure(methods.steps, batches, mode.repeats)
-        progress("phase breakdown" if mode.phase_repeats else "no phase breakdown")
-        breakdown = phase_breakdown(methods.steps, methods.phases, batches, mode.phase_repeats)
-        progress("export and inference latency")
+        timing.progress(f"warm-up ({timing.WARMUP_ROUNDS} rounds), saved-for-backward, then {mode.repeats} timed rounds")
+        timing.warm_up(methods.steps, batches)
+        saved = {name: timing.saved_for_backward(step, batches[0], methods.params)[0] for name, step in methods.steps.items()}
+        times = timing.measure(methods.steps, batches, mode.repeats)
+        timing.progress("phase breakdown" if mode.phase_repeats else "no phase breakdown")
+        breakdown = timing.phase_breakdown(methods.steps, methods.phases, batches, mode.phase_repeats)
+        timing.progress("export and inference latency")
 
         methods.hkt.save_model(str(Path(tmp) / "exported"))
         exported = AutoModelForImageClassification.from_pretrained(str(Path(tmp) / "exported"))
         plain = load_pretrained("resnet20")
         infer = {"plain_child": latency(plain, batches[0]), "exported_child": latency(exported, batches[0])}
-        warm_up(infer, batches)
-        infer_times = measure(infer, batches, mode.latency_repeats)
+        timing.warm_up(infer, batches)
+        infer_times = timing.measure(infer, batches, mode.latency_repeats)
 
-    result = ratio_results(times, RATIOS)
-    latency_ratio = ratio_results(infer_times, {"export_latency_ratio": ("exported_child", "plain_child")})
+    result = timing.ratio_results(times, RATIOS)
+    latency_ratio = timing.ratio_results(infer_times, {"export_latency_ratio": ("exported_child", "plain_child")})
     result["spread"].update(latency_ratio.pop("spread"))
     return {
         **result,
@@ -255,12 +237,12 @@ def run(mode_name: str, bf16: bool, threads: int | None) -> dict[str, Any]:
         "params_exported_child": exported.num_parameters(),
         "params_plain_child": plain.num_parameters(),
         "kd_loss_check": kd_check,
-        "step_s": {name: median(t) for name, t in times.items()},
-        "saved_mib": {k: v / MIB for k, v in saved.items()},
+        "step_s": {name: timing.median(t) for name, t in times.items()},
+        "saved_mib": {k: v / timing.MIB for k, v in saved.items()},
         "phases": breakdown,
-        "inference_s": {name: median(t) for name, t in infer_times.items()},
+        "inference_s": {name: timing.median(t) for name, t in infer_times.items()},
         "settings": {
-            "mode": mode_name, **asdict(mode), "warmup_rounds": WARMUP_ROUNDS,
+            "mode": mode_name, **asdict(mode), "warmup_rounds": timing.WARMUP_ROUNDS,
             "precision": "bf16 autocast, channels-last" if bf16 else "fp32",
             "memory": "saved-for-backward bytes per step, parameters excluded",
             "threads": torch.get_num_threads(), "child": "resnet20", "parent": "resnet56",
@@ -284,14 +266,14 @@ def report(result: dict[str, Any]) -> str:
             f"| method (batch {bs}) | step (s, median) | x torchdistill KD | saved-for-backward MiB |",
             "|---|---|---|---|"]
     for name in METHODS:
-        ratio = "1" if name == PEER else spread_text(result["spread"][peer_key(name)])
+        ratio = "1" if name == PEER else timing.spread_text(result["spread"][peer_key(name)])
         rows.append(f"| {name} | {result['step_s'][name]:.3f} | {ratio} | {result['saved_mib'][name]:.1f} |")
     check = result["kd_loss_check"]
     inf = result["inference_s"]
     rows += [
         "",
-        f"HKT over the child alone: {spread_text(result['spread']['hkt_over_child'])}; over the reference step: "
-        f"{spread_text(result['spread']['hkt_over_reference'])}.",
+        f"HKT over the child alone: {timing.spread_text(result['spread']['hkt_over_child'])}; over the reference step: "
+        f"{timing.spread_text(result['spread']['hkt_over_reference'])}.",
         "",
         f"KD loss on one batch (same weights): torchdistill {check['torchdistill']:.6f}, hkt-hf {check['hkt_hf']:.6f}.",
         "",
@@ -300,9 +282,9 @@ def report(result: dict[str, Any]) -> str:
         f"| plain child | {inf['plain_child']:.4f} | {result['params_plain_child']:,} |",
         f"| exported HKT child | {inf['exported_child']:.4f} | {result['params_exported_child']:,} |",
         "",
-        f"Exported over plain latency: {spread_text(result['spread']['export_latency_ratio'])}.",
+        f"Exported over plain latency: {timing.spread_text(result['spread']['export_latency_ratio'])}.",
     ]
-    rows += targets_section(result, TARGETS, "the rest is backward, loss terms, the gate and Python")
+    rows += timing.targets_section(result, TARGETS, "the rest is backward, loss terms, the gate and Python")
     return "\n".join(rows)
 
 
@@ -317,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write the result to this .json file and its table to the same name with .md")
     args = parser.parse_args(argv)
     result = run("smoke" if args.smoke else "quick" if args.quick else "full", args.bf16, args.threads)
-    emit(result, "step_cost.py", "Step cost", report(result), args.out, argv)
+    timing.emit(result, "step_cost.py", "Step cost", report(result), args.out, argv)
     return 0
 
 

@@ -49,25 +49,7 @@ import torch
 from datasets import Dataset
 from torch import nn
 from common import recipe_args
-from step_timing import (
-    MIB,
-    WARMUP_ROUNDS,
-    Batch,
-    Step,
-    emit,
-    measure,
-    median,
-    parameter_storages,
-    peer_missing,
-    phase_breakdown,
-    progress,
-    ratio_results,
-    saved_for_backward,
-    spread_text,
-    targets_section,
-    trainer_step,
-    warm_up,
-)
+import step_timing as timing
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 from transformers.data.data_collator import default_data_collator
 
@@ -125,7 +107,7 @@ def stand_in_tokenizer() -> PreTrainedTokenizerFast:
                                    pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def token_batches(sizes: Sizes, count: int) -> list[Batch]:
+def token_batches(sizes: Sizes, count: int) -> list[timing.Batch]:
     """Fixed-seed random tokens (ids 3.. so none is pad or eos), every position trained on."""
     generator = torch.Generator().manual_seed(0)
     batches = []
@@ -135,7 +117,7 @@ def token_batches(sizes: Sizes, count: int) -> list[Batch]:
     return batches
 
 
-def as_prompt_completion(batch: Batch) -> Batch:
+def as_prompt_completion(batch: timing.Batch) -> timing.Batch:
     """The batch in DistillationTrainer's layout: a one-token prompt, the rest as completion (the same next-token
     positions GKD trains on)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -143,7 +125,7 @@ def as_prompt_completion(batch: Batch) -> Batch:
             "completion_mask": mask[:, 1:]}
 
 
-def peer_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Sizes, batch: Batch
+def peer_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Sizes, batch: timing.Batch
                   ) -> dict[str, Trainer]:
     """GKD and the chunked DistillationTrainer on copies of the models. SFTTrainer (GKD's base) insists on a
     training set: it gets the rows of `batch`, never read since steps are driven directly."""
@@ -151,12 +133,12 @@ def peer_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Siz
         from trl import DistillationConfig, DistillationTrainer
         from trl.experimental.gkd import GKDConfig, GKDTrainer
     except ImportError as err:
-        raise peer_missing("trl", err) from err
+        raise timing.peer_missing("trl", err) from err
 
     class NoGenerationDistillation(DistillationTrainer):
         """DistillationTrainer on given completions: the plain Trainer input preparation instead of generation."""
 
-        def _prepare_inputs(self, inputs: Batch) -> Batch:
+        def _prepare_inputs(self, inputs: timing.Batch) -> timing.Batch:
             return Trainer._prepare_inputs(self, inputs)
 
     tokenizer = stand_in_tokenizer()
@@ -197,7 +179,7 @@ def lm_phases(child: nn.Module, parent: nn.Module) -> dict[str, list[nn.Module]]
             "head replay": [child.lm_head, parent.lm_head]}
 
 
-def first_steps(steps: dict[str, Step], batch: Batch) -> dict[str, str]:
+def first_steps(steps: dict[str, timing.Step], batch: timing.Batch) -> dict[str, str]:
     """Run every method once (a warm-up); an hkt-hf method that fails is dropped and its error returned, so the
     others are still measured. A peer's failure is not caught."""
     errors = {}
@@ -226,7 +208,7 @@ def run(sizes: Sizes, threads: int | None) -> dict[str, Any]:
         peers = peer_trainers(child0, parent0, Path(tmp), sizes, batches[0])
         ours = hkt_trainers(child0, parent0, Path(tmp), sizes)
         trainers: dict[str, Trainer] = {"child": plain, **peers, **ours}
-        steps = {name: trainer_step(trainer) for name, trainer in trainers.items()}
+        steps = {name: timing.trainer_step(trainer) for name, trainer in trainers.items()}
         chunked_step = steps["chunked"]
         steps["chunked"] = lambda batch: chunked_step(as_prompt_completion(batch))
         parents = {name: getattr(t, "teacher_model", None) or getattr(t, "parent_model", None)
@@ -234,28 +216,28 @@ def run(sizes: Sizes, threads: int | None) -> dict[str, Any]:
         phases = {name: lm_phases(t.model, parents[name]) if parents[name] is not None
                   else {"child forward": [t.model, t.model.model]} for name, t in trainers.items()}
 
-        progress(f"first step of each method, {WARMUP_ROUNDS} warm-up rounds, saved-for-backward, "
+        timing.progress(f"first step of each method, {timing.WARMUP_ROUNDS} warm-up rounds, saved-for-backward, "
                  f"then {sizes.repeats} timed rounds")
         errors = first_steps(steps, batches[0])
-        warm_up(steps, batches)
-        params = parameter_storages(*(t.model for t in trainers.values()), *filter(None, parents.values()))
-        saved = {name: saved_for_backward(step, batches[0], params, last_dim=sizes.vocab)
+        timing.warm_up(steps, batches)
+        params = timing.parameter_storages(*(t.model for t in trainers.values()), *filter(None, parents.values()))
+        saved = {name: timing.saved_for_backward(step, batches[0], params, last_dim=sizes.vocab)
                  for name, step in steps.items()}
-        times = measure(steps, batches, sizes.repeats)
-        progress("phase breakdown" if sizes.phase_repeats else "no phase breakdown")
-        breakdown = phase_breakdown(steps, phases, batches, sizes.phase_repeats)
+        times = timing.measure(steps, batches, sizes.repeats)
+        timing.progress("phase breakdown" if sizes.phase_repeats else "no phase breakdown")
+        breakdown = timing.phase_breakdown(steps, phases, batches, sizes.phase_repeats)
 
-    step_s = {name: median(t) for name, t in times.items()}
-    result = ratio_results(times, {key: (name, PEER) for key, name in RATIO_KEYS.items()})
+    step_s = {name: timing.median(t) for name, t in times.items()}
+    result = timing.ratio_results(times, {key: (name, PEER) for key, name in RATIO_KEYS.items()})
     hkt_saved = saved.get("hkt_lm_head")
     result["saved_mib_hkt_lm_over_peer"] = hkt_saved[0] / saved[PEER][0] if hkt_saved else None
     result.update({
         "step_s": step_s,
-        "saved_mib": {name: b / MIB for name, (b, _) in saved.items()},
+        "saved_mib": {name: b / timing.MIB for name, (b, _) in saved.items()},
         "saved_vocab_tensors": {name: n for name, (_, n) in saved.items()},
         "phases": breakdown,
         "errors": errors,
-        "settings": {**asdict(sizes), "warmup_rounds": WARMUP_ROUNDS, "threads": torch.get_num_threads(),
+        "settings": {**asdict(sizes), "warmup_rounds": timing.WARMUP_ROUNDS, "threads": torch.get_num_threads(),
                      "precision": "fp32",
                      "memory": "saved-for-backward bytes per step, parameters excluded",
                      "data": "fixed-seed random tokens, every position trained on"},
@@ -282,7 +264,7 @@ def report(result: dict[str, Any]) -> str:
             rows.append(f"| {name} | failed: {result['errors'][name]} | | | | |")
             continue
         t, mib = result["step_s"][name], result["saved_mib"][name]
-        ratio = spread_text(result["spread"][ratio_key[name]]) if name in ratio_key else "1"
+        ratio = timing.spread_text(result["spread"][ratio_key[name]]) if name in ratio_key else "1"
         rows.append(f"| {name} | {t:.3f} | {ratio} | {mib:.1f} | {mib / peer_mib:.2f} | "
                     f"{result['saved_vocab_tensors'][name]} |")
     if "hkt_kd" in result["saved_mib"]:
@@ -292,7 +274,7 @@ def report(result: dict[str, Any]) -> str:
                  "[positions, vocabulary] log-probabilities for backward; the replayed heads keep their gradients "
                  "(computed in forward), and KD keeps only its gradient, one logits-sized tensor. The price is one "
                  "more head projection per step: the child's forward still computes its logits."]
-    rows += targets_section(result, TARGETS, "TRL's chunked projection and the rest of backward, loss terms, gates and "
+    rows += timing.targets_section(result, TARGETS, "TRL's chunked projection and the rest of backward, loss terms, gates and "
                             "Python are in the last column; TRL runs `chunked`'s whole loss, teacher backbone included, "
                             "inside the student's forward (`_forward_redirection`), so there it all counts as child "
                             "forward")
@@ -317,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                      for f, v in asdict(MODES[mode]).items()})
     result = run(sizes, args.threads)
     result["settings"]["mode"] = mode
-    emit(result, "step_cost_lm.py", "Step cost, language model", report(result), args.out, argv)
+    timing.emit(result, "step_cost_lm.py", "Step cost, language model", report(result), args.out, argv)
     return 0
 
 

@@ -11,6 +11,7 @@ its ratios estimate the same quantities as the full run's, with a wider spread.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -51,6 +52,7 @@ Batch = dict[str, torch.Tensor]
 Step = Callable[[Batch], None]
 MIB = 2.0**20
 _STARTED = time.perf_counter()
+_LOAD_AT_START = os.getloadavg()[0]
 
 
 def progress(message: str) -> None:
@@ -265,6 +267,11 @@ def emit(result: dict[str, Any], script: str, title: str, markdown: str, out: Pa
     argv = list(argv if argv is not None else sys.argv[1:])
     result["command"] = shlex.join(["python", f"benchmarks/{script}", *relative_argv(argv)])
     result.update(provenance())
+    # The ratios mean something only on a quiet machine: the 1-minute load average says how quiet it was.
+    result["load_average"] = {"at_start": _LOAD_AT_START, "at_end": os.getloadavg()[0], "cpus": os.cpu_count()}
+    load = result["load_average"]
+    markdown = (f"Load average (1 min) {load['at_start']:.1f} at the start, {load['at_end']:.1f} at the end, on "
+                f"{load['cpus']} CPUs.\n\n{markdown}")
     print(markdown)
     if out is not None:
         atomic_write_json(out, result)

@@ -13,8 +13,8 @@ and reproducible. It is a synthetic motion of real photographs, not Sintel or KI
 dataset (Hub id or local parquet folder) as the source of the photographs.
 
 The parent (RAFT, no pretrained weights offline) is first trained on the same task (cached under `--output_dir`,
-keyed by its settings), then frozen. Finished child runs are logged in `<output_dir>/runs.json` as they end; a
-re-run with the same settings resumes after the last finished run.
+keyed by its settings), then frozen. Finished child runs are logged in `<output_dir>/runs.jsonl` as they end; a
+re-run with the same settings skips them.
 
     python examples/optical_flow.py --quick                  # CI smoke run, about 1 minute on 2 cores
     python examples/optical_flow.py --json benchmarks/results/optical_flow.json
@@ -40,7 +40,15 @@ from hkt_hf.models import RaftConfig, RaftForOpticalFlow
 
 # The comparison harness (resumable run log, KD baseline settings, cached parent) is the benchmarks' own.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from comparison import cached_parent, kd_settings, last_gate_logs, run_all, write_result  # noqa: E402
+from comparison import (  # noqa: E402
+    cached_parent,
+    comparison_parser,
+    kd_settings,
+    last_gate_logs,
+    parse_comparison_args,
+    run_all,
+    write_result,
+)
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 CARRIERS = {
@@ -54,17 +62,13 @@ QUICK = dict(train_pairs=8, eval_pairs=4, parent_steps=2, steps=2, batch_size=2,
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="Tiny smoke run (CI): few pairs, few steps, one seed.")
-    p.add_argument("--output_dir", default="runs/optical_flow", help="Runs, the run log and the cached parent.")
-    p.add_argument("--json", help="Also write the final metrics to this JSON file.")
+    p = comparison_parser(__doc__.split("\n\n")[0], "runs/optical_flow",
+                          "Tiny smoke run (CI): few pairs, few steps, one seed.")
     p.add_argument("--images", help=f"Source photographs (default: shared CIFAR-10, else {CIFAR10_HUB_ID}).")
     p.add_argument("--size", type=int, default=128, help="Frame side in pixels (multiple of 8, >= 128).")
     p.add_argument("--train_pairs", type=int, default=4000)
     p.add_argument("--eval_pairs", type=int, default=200)
     p.add_argument("--data_seed", type=int, default=1234, help="Seed of the pairs (eval pairs use data_seed + 1).")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="Child seeds: initialisation and data order.")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--iters", type=int, default=8, help="RAFT flow updates per forward, training and evaluation.")
     p.add_argument("--parent_steps", type=int, default=1000)
@@ -74,11 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--logging_steps", type=int, default=25, help="Steps between training logs (and gate statistics).")
     p.add_argument("--gate", default="genetic")
     p.add_argument("--kd_weight", type=float, default=1.0, help="Weight of the L1 KD term of the 'kd' baseline.")
-    args = p.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    return args
+    return parse_comparison_args(p, argv, QUICK)
 
 
 def load_data(args: argparse.Namespace) -> tuple[KnownWarpFlow, KnownWarpFlow]:

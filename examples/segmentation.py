@@ -44,7 +44,15 @@ from hkt_hf.metrics import evaluate_segmentation
 
 # The comparison harness (resumable run log, KD baseline settings, cached parent) is the benchmarks' own.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from comparison import cached_parent, kd_settings, last_gate_logs, run_all, write_result  # noqa: E402
+from comparison import (  # noqa: E402
+    cached_parent,
+    comparison_parser,
+    kd_settings,
+    last_gate_logs,
+    parse_comparison_args,
+    run_all,
+    write_result,
+)
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 PASTED_LABELS = 11  # background + 10 CIFAR classes
@@ -62,11 +70,8 @@ QUICK = dict(train_scenes=128, eval_scenes=64, parent_epochs=2, epochs=1, seeds=
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="Tiny smoke run (CI): few scenes, few epochs, one seed.")
-    p.add_argument("--output_dir", default="runs/segmentation", help="Runs and the cached parent go here.")
-    p.add_argument("--json", help="Also write the final metrics to this JSON file.")
+    p = comparison_parser(__doc__.split("\n\n")[0], "runs/segmentation",
+                          "Tiny smoke run (CI): few scenes, few epochs, one seed.")
     p.add_argument("--dataset", help="Hub id or local parquet folder of a segmentation dataset (default: pasted).")
     p.add_argument("--train_split", default="train")
     p.add_argument("--eval_split", default="validation")
@@ -77,7 +82,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train_scenes", type=int, default=1024, help="Training scenes (or rows of --dataset).")
     p.add_argument("--eval_scenes", type=int, default=256, help="Evaluation scenes (or rows of --dataset).")
     p.add_argument("--data_seed", type=int, default=1234, help="Seed of the pasted scenes.")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="Child seeds: initialisation and data order.")
     p.add_argument("--parent_epochs", type=float, default=10)
     p.add_argument("--epochs", type=float, default=8, help="Epochs of every child run.")
     p.add_argument("--batch_size", type=int, default=32)
@@ -87,10 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gate", default="genetic")
     p.add_argument("--kd_weight", type=float, default=1.0)
     p.add_argument("--kd_temperature", type=float, default=2.0)
-    args = p.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
+    args = parse_comparison_args(p, argv, QUICK)
     if args.dataset and args.num_labels is None:
         p.error("--dataset needs --num_labels (the number of classes in its masks).")
     return args
