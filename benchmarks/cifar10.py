@@ -183,7 +183,10 @@ def run_all(opts: argparse.Namespace, argv: list[str]) -> Path:
 
     def run(method: str, seed: int) -> dict[str, Any]:
         folder = cache / "runs" / out.name / method / f"seed{seed}"
-        return {**run_one(method, seed, rec, data, parent, folder), "folder": log.relative(folder)}
+        record = run_one(method, seed, rec, data, parent, folder)
+        if "lineage" in record:  # the parent was loaded from its cached folder: an absolute path
+            record["lineage"]["hkt_parent"] = log.relative(record["lineage"]["hkt_parent"])
+        return {**record, "folder": log.relative(folder)}
 
     run_missing(log, opts.seeds, opts.methods, run)
     finish()
