@@ -343,7 +343,9 @@ def test_cifar10_quick_writes_resumable_results(tmp_path):
     assert "| 1 |" in table  # the seed count of each row
     assert (out / "cifar10.png").stat().st_size > 0
     card = (out / "hkt-resnet20-cifar10-jpeg.md").read_text()
-    assert "Against the baselines" in card and "hkt_loss_weights" in card  # rendered by the package, from the lineage
+    # Rendered by the package from the logged lineage, with the benchmark's baselines added.
+    assert "Hereditary Knowledge Transfer lineage" in card and "| Parent | `../cache/parent-resnet56" in card
+    assert "## Against the baselines" in card and "same recipe, KD (T = 4)" in card
 
     again = run_script(script, "--quick", "--out", str(out), "--cache", str(cache))
     assert "skip child/seed0" in again and "skip hkt/seed0" in again
