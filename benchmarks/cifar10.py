@@ -11,8 +11,8 @@ Each finished run is appended at once to the results log `<out>/cifar10.jsonl` (
 it ran at) and skipped when the command runs again, so the table can be completed across sessions:
 
     python benchmarks/cifar10.py                 # full run (resumable), results in benchmarks/results/
-    python benchmarks/cifar10.py --report        # table, plot and model card again from the JSON
-    python benchmarks/cifar10.py --quick --out /tmp/q   # smoke run on subsets (CI)
+    python benchmarks/cifar10.py --report        # table, plot and model card again from the log
+    python benchmarks/cifar10.py --quick --out DIR      # smoke run on subsets (CI)
 """
 
 from __future__ import annotations
@@ -242,7 +242,8 @@ def markdown_table(log: RunLog) -> str:
 def recipe_line(rec: dict[str, Any]) -> str:
     rows = rec["train_rows"] or "all 50,000"
     test = rec["test_rows"] or "all 10,000"
-    return (f"Recipe: {rec['steps']} optimizer steps per child run (batch {rec['batch_size']}, {rows} training images), "
+    return (f"Recipe: {rec['steps']} optimizer steps per child run (batch {rec['batch_size']}, {rows} training "
+            f"images), "
             f"SGD lr {rec['lr']} momentum {rec['momentum']} weight decay {rec['weight_decay']}, {rec['schedule']}, "
             f"{rec['augmentation']}, {rec['normalisation']}, {'bf16 autocast' if rec['bf16'] else 'fp32'} training; "
             f"final accuracy in fp32 on {test} test images, measured once after the last step.")
@@ -290,14 +291,17 @@ def model_card(log: RunLog) -> str | None:
     card = render_model_card(
         lineage, MODEL_CARD.stem, auto_class="AutoModelForImageClassification", task="image-classification",
         dataset="cifar10", child_metrics={"accuracy": round(row["mean"], 2)},
-        parent_metrics={"accuracy": round(ref["adapted-parent"]["test_accuracy"], 2)} if "adapted-parent" in ref else None,
+        parent_metrics=({"accuracy": round(ref["adapted-parent"]["test_accuracy"], 2)}
+                        if "adapted-parent" in ref else None),
         training_recipe={"recipe": recipe_line(log.recipe), "child initialisation": CHECKPOINTS["resnet20"],
                          "parent": f"{CHECKPOINTS['resnet56']} adapted to the JPEG training split "
                                    f"({log.recipe['parent_steps']} steps, seed 0), then frozen"},
         tags=["image-classification", "cifar10"],
     )
-    baseline = lambda m: (f"{rows[m]['mean']:.2f} +- {rows[m]['std']:.2f} ({len(rows[m]['values'])} seeds)"  # noqa: E731
-                          if m in rows else "not run yet")
+    def baseline(m: str) -> str:
+        row = rows.get(m)
+        return f"{row['mean']:.2f} +- {row['std']:.2f} ({len(row['values'])} seeds)" if row else "not run yet"
+
     return card.content.rstrip() + f"""
 
 ## Against the baselines of the same benchmark

@@ -24,6 +24,7 @@ import os
 import shlex
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -99,6 +100,33 @@ def now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def parse_lines(path: Path) -> list[dict[str, Any]]:
+    """The objects of a JSON Lines file. A last line cut short (a process killed while appending it) is dropped:
+    the run it recorded counts as unfinished; any other bad line is an error naming it."""
+    text = path.read_text().splitlines()
+    lines = []
+    for number, line in enumerate(text, 1):
+        if not line.strip():
+            continue
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(text):
+                print(f"{path}:{number}: an incomplete last line (interrupted write) is ignored.", file=sys.stderr)
+                continue
+            raise SystemExit(f"{path}:{number} is not JSON ({err}); fix or remove that line.") from err
+    return lines
+
+
+def drop_cut_short_tail(path: Path) -> None:
+    """Remove a last line without its newline (a process killed while appending it), so appends start clean."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        print(f"{path}: dropping an incomplete last line (interrupted write).", file=sys.stderr)
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 @dataclass
 class RunLog:
     """A benchmark's JSON Lines log, read into `recipe`, `runs` (id -> record), `reference` (id -> value) and
@@ -115,7 +143,7 @@ class RunLog:
         """The log at `path` as it stands (for reports); it must exist."""
         if not path.is_file():
             raise SystemExit(f"No results log at {path}: run the benchmark first (or pass its --out).")
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = parse_lines(path)
         if not lines or lines[0].get("kind") != "recipe":
             raise SystemExit(f"{path} does not start with a recipe line: it is not a results log of this harness.")
         log = cls(path, lines[0]["recipe"])
@@ -132,6 +160,7 @@ class RunLog:
             log = cls(path, recipe)
             log._write({"kind": "recipe", "id": "recipe", "recipe": recipe, **provenance()})
             return log
+        drop_cut_short_tail(path)
         log = cls.read(path)
         if log.recipe != recipe:
             raise SystemExit(

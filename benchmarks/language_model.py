@@ -7,18 +7,19 @@ The task (tokenizer, blocks, models) is `benchmarks/lm_task.py`, which `examples
    plain `Trainer` (seed 0); both cached as `save_pretrained` folders (the parent with its tokenizer and a card).
 2. For each seed and method, the same child recipe (steps, lr, batch, cosine schedule; the seed sets the child's
    initialisation and the data order): `child` alone (plain `Trainer`), `kd` (the package's KD: `HKTTrainer` with
-   loss weights [1, 0, 0], CE + forward KL(parent || child) on the logits, T = 1, weight 1), HKT on the LM head's input with each gate (`hkt` = genetic,
-   the reference), `hkt-layers` (decoder-layer carriers), `hkt+kd`.
+   loss weights [1, 0, 0], CE + forward KL(parent || child) on the logits, T = 1, weight 1), HKT on the LM head's
+   input with each gate (`hkt` = genetic, the reference), `hkt-layers` (decoder-layer carriers), `hkt+kd`.
 3. Validation perplexity every `eval_every` steps on a fixed subset of the validation blocks (a curve: nothing is
    chosen with it), test perplexity once after the last step; the gate statistics of every carrier at every log.
 
 Each finished run is appended at once to the results log `<out>/language_model.jsonl` (`harness.RunLog`, with the
-commit it ran at) and skipped when the command runs again. The table (`.md`), the plot of the validation curves (`.png`) and the best child (lowest test perplexity,
-with its model card) are regenerated from the JSON after each invocation:
+commit it ran at) and skipped when the command runs again. The table (`.md`), the plot of the validation curves
+(`.png`) and the best child (lowest test perplexity, with its model card) are regenerated from the log after each
+invocation:
 
     python benchmarks/language_model.py                     # full run (resumable), results in benchmarks/results/
-    python benchmarks/language_model.py --report            # table, plot and best child again from the JSON
-    python benchmarks/language_model.py --quick --out /tmp/q    # smoke run, tiny sizes, < 60 s on 2 cores
+    python benchmarks/language_model.py --report            # table, plot and best child again from the log
+    python benchmarks/language_model.py --quick --out DIR   # smoke run, tiny sizes, < 60 s on 2 cores
 """
 
 from __future__ import annotations

@@ -39,7 +39,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import BATCH_SIZE, LR, MOMENTUM, WEIGHT_DECAY, CifarTensors, decoded_split, load_pretrained, prepare, recipe_args
+from common import (
+    BATCH_SIZE,
+    LR,
+    MOMENTUM,
+    WEIGHT_DECAY,
+    CifarTensors,
+    decoded_split,
+    load_pretrained,
+    prepare,
+    recipe_args,
+)
 import step_timing as timing
 from torch.utils.data import DataLoader
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
@@ -212,9 +222,11 @@ def run(mode_name: str, bf16: bool, threads: int | None) -> dict[str, Any]:
         methods = Methods(Path(tmp), bf16)
         kd_check = methods.kd_losses(batches[0])
         print(f"KD loss on one batch: torchdistill {kd_check['torchdistill']:.6f}, hkt-hf {kd_check['hkt_hf']:.6f}")
-        timing.progress(f"warm-up ({timing.WARMUP_ROUNDS} rounds), saved-for-backward, then {mode.repeats} timed rounds")
+        timing.progress(f"warm-up ({timing.WARMUP_ROUNDS} rounds), saved-for-backward, "
+                        f"then {mode.repeats} timed rounds")
         timing.warm_up(methods.steps, batches)
-        saved = {name: timing.saved_for_backward(step, batches[0], methods.params)[0] for name, step in methods.steps.items()}
+        saved = {name: timing.saved_for_backward(step, batches[0], methods.params)[0]
+                 for name, step in methods.steps.items()}
         times = timing.measure(methods.steps, batches, mode.repeats)
         timing.progress("phase breakdown" if mode.phase_repeats else "no phase breakdown")
         breakdown = timing.phase_breakdown(methods.steps, methods.phases, batches, mode.phase_repeats)
@@ -261,8 +273,8 @@ def report(result: dict[str, Any]) -> str:
     rows = [f"{settings['mode']} run: batch {bs}, {settings['precision']}, {settings['warmup_rounds']} warm-up rounds, "
             f"{settings['repeats']} timed rounds, {settings['threads']} threads. Ratios: median of the per-round "
             "ratios (middle half of the rounds, all rounds)."
-            + (" A smoke run: its shapes are not the benchmark's, its ratios mean nothing." if settings["mode"] == "smoke"
-               else ""), "",
+            + (" A smoke run: its shapes are not the benchmark's, its ratios mean nothing."
+               if settings["mode"] == "smoke" else ""), "",
             f"| method (batch {bs}) | step (s, median) | x torchdistill KD | saved-for-backward MiB |",
             "|---|---|---|---|"]
     for name in METHODS:
@@ -293,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--quick", action="store_true", help="the full run's shapes and warm-up, 5 rounds instead of 15")
     modes.add_argument("--smoke", action="store_true", help="batch 16, one round: checks that it runs (CI)")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast + channels-last (default fp32, as cifar10.py)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast + channels-last (default fp32, as cifar10.py)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=None,
                         help="also write the result to this .json file and its table to the same name with .md")

@@ -274,10 +274,10 @@ def report(result: dict[str, Any]) -> str:
                  "[positions, vocabulary] log-probabilities for backward; the replayed heads keep their gradients "
                  "(computed in forward), and KD keeps only its gradient, one logits-sized tensor. The price is one "
                  "more head projection per step: the child's forward still computes its logits."]
-    rows += timing.targets_section(result, TARGETS, "TRL's chunked projection and the rest of backward, loss terms, gates and "
-                            "Python are in the last column; TRL runs `chunked`'s whole loss, teacher backbone included, "
-                            "inside the student's forward (`_forward_redirection`), so there it all counts as child "
-                            "forward")
+    rows += timing.targets_section(
+        result, TARGETS, "TRL's chunked projection and the rest of backward, loss terms, gates and Python are in the "
+        "last column; TRL runs `chunked`'s whole loss, teacher backbone included, inside the student's forward "
+        "(`_forward_redirection`), so there it all counts as child forward")
     return "\n".join(rows)
 
 

@@ -78,6 +78,21 @@ def test_a_rerun_skips_the_finished_runs_and_runs_the_rest(tmp_path):
     assert log.runs["kd/seed1"]["score"] == 12.0
 
 
+def test_a_run_whose_line_was_cut_short_counts_as_unfinished(tmp_path):
+    path = tmp_path / "b.jsonl"
+    log = harness.RunLog.open(path, {"steps": 1})
+    log.add_run("kd/seed0", method="kd", seed=0, score=1.0)
+    with path.open("a") as f:
+        f.write('{"kind": "run", "id": "hkt/seed0", "sco')  # killed while appending
+    again = harness.RunLog.open(path, {"steps": 1})
+    assert again.finished("kd/seed0") and not again.finished("hkt/seed0")
+    again.add_run("hkt/seed0", method="hkt", seed=0, score=2.0)
+    assert harness.RunLog.read(path).runs["hkt/seed0"]["score"] == 2.0
+    path.write_text(path.read_text().replace('"kd/seed0"', '"kd/seed0', 1))  # a bad line in the middle: an error
+    with pytest.raises(SystemExit, match=r"b\.jsonl:2 is not JSON"):
+        harness.RunLog.read(path)
+
+
 def test_a_log_of_another_recipe_is_refused_not_mixed(tmp_path):
     path = tmp_path / "bench.jsonl"
     log = harness.RunLog.open(path, {"steps": 10})
