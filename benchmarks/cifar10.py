@@ -21,39 +21,16 @@ import argparse
 import copy
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import (
-    BATCH_SIZE,
-    CHECKPOINTS,
-    LR,
-    MOMENTUM,
-    PADDING,
-    WEIGHT_DECAY,
-    CifarTensors,
-    decoded_split,
-    load_pretrained,
-    prepare,
-    recipe_args,
-)
+from common import BATCH_SIZE, CHECKPOINTS, LR, MOMENTUM, PADDING, WEIGHT_DECAY, CifarTensors, decoded_split
+from common import load_pretrained, prepare, recipe_args
 from comparison import kd_settings
-from harness import (
-    CACHE,
-    REPO,
-    RESULTS,
-    RunLog,
-    atomic_write_json,
-    benchmark_parser,
-    by_method,
-    commands_line,
-    notes_lines,
-    run_missing,
-    write_report,
-)
+from harness import CACHE, REPO, RESULTS, RunLog, atomic_write_json, benchmark_parser, by_method, commands_line
+from harness import notes_lines, run_missing, run_or_report, write_report
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments
@@ -342,13 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                               "a few steps on subsets: a CI smoke run")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast + channels-last (faster, but lost accuracy in a check; part of the recipe)")
-    opts = parser.parse_args(argv)
-    if opts.report:
-        report(opts.out or RESULTS)
-        return 0
-    opts.seeds = opts.seeds or ([0] if opts.quick else [0, 1, 2])
-    run_all(opts, sys.argv[1:] if argv is None else argv)
-    return 0
+    return run_or_report(parser.parse_args(argv), argv, run_all, report)
 
 
 if __name__ == "__main__":

@@ -71,13 +71,23 @@ def run_all(args: Any, methods: list[str], run: Callable[[str, int], dict[str, A
     return run_missing(log, args.seeds, methods, run)
 
 
-def comparison_parser(description: str, output_dir: str, quick_help: str) -> argparse.ArgumentParser:
-    """The options every comparison example has: its smoke mode, where runs go, the JSON result and the seeds."""
+def comparison_parser(description: str, output_dir: str, quick_help: str, *, batch_size: int, lr: float,
+                      logging_steps: int) -> argparse.ArgumentParser:
+    """The options every comparison example has (its smoke mode, where runs go, the JSON result, the seeds, the
+    data seed, the recipe's batch, rate and logging interval, the gate, the KD baseline's weight), with its own
+    defaults for the recipe."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--output_dir", default=output_dir, help="Runs, the run log (runs.jsonl) and the cached parent.")
     p.add_argument("--json", help="Also write the final metrics to this JSON file.")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="Child seeds: initialisation and data order.")
+    p.add_argument("--data_seed", type=int, default=1234, help="Seed of the generated data (evaluation: + 1).")
+    p.add_argument("--batch_size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--logging_steps", type=int, default=logging_steps,
+                   help="Steps between training logs (and gate statistics).")
+    p.add_argument("--gate", default="genetic", help="HKT's gate.")
+    p.add_argument("--kd_weight", type=float, default=1.0, help="Weight of the KD term of the 'kd' baseline.")
     return p
 
 

@@ -258,6 +258,18 @@ def benchmark_parser(description: str, methods: Iterable[str], default_methods: 
     return parser
 
 
+def run_or_report(opts: argparse.Namespace, argv: list[str] | None, run_all: Callable[..., Any],
+                  report: Callable[[Path], None]) -> int:
+    """What an accuracy benchmark's `main` does once parsed: `--report` only rewrites the report of `--out` (default
+    the committed results); else the runs (seeds 0 1 2 by default, 0 with `--quick`), then the report."""
+    if opts.report:
+        report(opts.out or RESULTS)
+        return 0
+    opts.seeds = opts.seeds or ([0] if opts.quick else [0, 1, 2])
+    run_all(opts, sys.argv[1:] if argv is None else argv)
+    return 0
+
+
 def commands_line(commands: Iterable[dict[str, Any]]) -> str:
     """The Markdown line listing a benchmark's invocations with their wall time and commit, and the total of the
     finished ones."""

@@ -28,7 +28,6 @@ import argparse
 import math
 import shutil
 import statistics
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -36,31 +35,10 @@ from typing import Any
 
 import torch
 from comparison import kd_settings
-from harness import (
-    CACHE,
-    RESULTS,
-    RunLog,
-    benchmark_parser,
-    by_method,
-    commands_line,
-    notes_lines,
-    run_missing,
-    write_report,
-)
-from lm_task import (
-    DATA_DIR,
-    DATASET,
-    FULL_SIZES,
-    HEAD_CARRIER,
-    LMSizes,
-    child_config,
-    lm_args,
-    new_model,
-    perplexity,
-    prepare,
-    set_license,
-    strided,
-)
+from harness import CACHE, RESULTS, RunLog, benchmark_parser, by_method, commands_line, notes_lines, run_missing
+from harness import run_or_report, write_report
+from lm_task import DATA_DIR, DATASET, FULL_SIZES, HEAD_CARRIER, LMSizes, child_config, lm_args, new_model, perplexity
+from lm_task import prepare, set_license, strided
 from transformers import Trainer, default_data_collator
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments
@@ -286,12 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                               "tiny sizes: a smoke run")
     parser.add_argument("--data_dir", type=Path, default=DATA_DIR, help="the python-stdlib parquet folder")
     opts = parser.parse_args(argv)
-    if opts.report:
-        report(opts.out or RESULTS, opts.cache)
-        return 0
-    opts.seeds = opts.seeds or ([0] if opts.quick else [0, 1, 2])
-    run_all(opts, sys.argv[1:] if argv is None else argv)
-    return 0
+    return run_or_report(opts, argv, run_all, lambda out: report(out, opts.cache))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ ratio is the median of per-round ratios, reported with its spread (see `step_tim
 
 from __future__ import annotations
 
-import argparse
 import copy
 import tempfile
 from dataclasses import asdict, dataclass
@@ -39,17 +38,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import (
-    BATCH_SIZE,
-    LR,
-    MOMENTUM,
-    WEIGHT_DECAY,
-    CifarTensors,
-    decoded_split,
-    load_pretrained,
-    prepare,
-    recipe_args,
-)
+from common import BATCH_SIZE, LR, MOMENTUM, WEIGHT_DECAY, CifarTensors, decoded_split, load_pretrained
+from common import prepare, recipe_args
+from comparison import kd_settings
 import step_timing as timing
 from torch.utils.data import DataLoader
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
@@ -154,8 +145,8 @@ class Methods:
         plain = Trainer(fresh(child0), recipe_args(TrainingArguments, out_dir / "child", **common))
         self.box = torchdistill_box(fresh(child0), fresh(parent0))
         self.hkt_kd = HKTTrainer(
-            fresh(child0), recipe_args(HKTTrainingArguments, out_dir / "hkt_kd", **common, hkt_loss_weights=[1, 0, 0],
-                                       hkt_kd_weight=1.0, hkt_kd_temperature=KD_TEMPERATURE),
+            fresh(child0), recipe_args(HKTTrainingArguments, out_dir / "hkt_kd", **common,
+                                       **kd_settings(weight=1.0, temperature=KD_TEMPERATURE)),
             parent_model=fresh(parent0))
         self.hkt = HKTTrainer(fresh(child0), recipe_args(HKTTrainingArguments, out_dir / "hkt", **common),
                               parent_model=fresh(parent0))
@@ -301,17 +292,12 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    modes = parser.add_mutually_exclusive_group()
-    modes.add_argument("--quick", action="store_true", help="the full run's shapes and warm-up, 5 rounds instead of 15")
-    modes.add_argument("--smoke", action="store_true", help="batch 16, one round: checks that it runs (CI)")
+    parser = timing.step_cost_parser(__doc__.split("\n\n")[0], "the full run's shapes and warm-up, 5 rounds, not 15",
+                                     "batch 16, one round: checks that it runs (CI)")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast + channels-last (default fp32, as cifar10.py)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="also write the result to this .json file and its table to the same name with .md")
     args = parser.parse_args(argv)
-    result = run("smoke" if args.smoke else "quick" if args.quick else "full", args.bf16, args.threads)
+    result = run(timing.mode_of(args), args.bf16, args.threads)
     timing.emit(result, "step_cost.py", "Step cost", report(result), args.out, argv)
     return 0
 

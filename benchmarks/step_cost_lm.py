@@ -38,18 +38,18 @@ The last printed line is one JSON object (ratios and raw numbers); `--out FILE` 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import step_timing as timing
 import torch
+from common import recipe_args
+from comparison import kd_settings
 from datasets import Dataset
 from torch import nn
-from common import recipe_args
-import step_timing as timing
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 from transformers.data.data_collator import default_data_collator
 
@@ -159,8 +159,7 @@ def peer_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Siz
 def hkt_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Sizes) -> dict[str, HKTTrainer]:
     layer_carrier = f"model.layers.{sizes.parent_layers - 1}=model.layers.{sizes.child_layers - 1}"
     settings = {
-        "hkt_kd": dict(hkt_carriers=[LM_HEAD_CARRIER], hkt_loss_weights=[1, 0, 0], hkt_kd_weight=1.0,
-                       hkt_kd_temperature=1.0),
+        "hkt_kd": dict(hkt_carriers=[LM_HEAD_CARRIER], **kd_settings(weight=1.0, temperature=1.0)),
         "hkt_lm_head": dict(hkt_carriers=[LM_HEAD_CARRIER]),
         "hkt_layer": dict(hkt_carriers=[layer_carrier]),
     }
@@ -282,19 +281,14 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    modes = parser.add_mutually_exclusive_group()
-    modes.add_argument("--quick", action="store_true", help="the full sizes and warm-up, fewer rounds")
-    modes.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks that it runs (CI)")
+    parser = timing.step_cost_parser(__doc__.split("\n\n")[0], "the full sizes and warm-up, fewer rounds",
+                                     "tiny sizes, one round: checks that it runs (CI)")
     for field, value in asdict(FULL).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=None,
                             help=f"default {value} (quick: {getattr(MODES['quick'], field)}, "
                                  f"smoke: {getattr(MODES['smoke'], field)})")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="also write the result to this .json file and its table to the same name with .md")
     args = parser.parse_args(argv)
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = timing.mode_of(args)
     sizes = Sizes(**{f: getattr(args, f) if getattr(args, f) is not None else v
                      for f, v in asdict(MODES[mode]).items()})
     result = run(sizes, args.threads)

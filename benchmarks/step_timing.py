@@ -10,6 +10,7 @@ its ratios estimate the same quantities as the full run's, with a wider spread.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -257,6 +258,22 @@ def targets_section(result: dict[str, Any], targets: dict[str, float], rest: str
         return lines + ["", "The full run breaks each step into phases."]
     return lines + ["", f"Where each step's time goes (seconds per step, share; {rest}):", "",
                     breakdown_table(result["phases"])]
+
+
+def step_cost_parser(description: str, quick_help: str, smoke_help: str) -> argparse.ArgumentParser:
+    """The options both step-cost scripts have: the mode (full by default, `--quick` or `--smoke`), threads, output."""
+    parser = argparse.ArgumentParser(description=description)
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--quick", action="store_true", help=quick_help)
+    modes.add_argument("--smoke", action="store_true", help=smoke_help)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the result to this .json file and its table to the same name with .md")
+    return parser
+
+
+def mode_of(args: argparse.Namespace) -> str:
+    return "smoke" if args.smoke else "quick" if args.quick else "full"
 
 
 def emit(result: dict[str, Any], script: str, title: str, markdown: str, out: Path | None,

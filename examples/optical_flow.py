@@ -40,15 +40,8 @@ from hkt_hf.models import RaftConfig, RaftForOpticalFlow
 
 # The comparison harness (resumable run log, KD baseline settings, cached parent) is the benchmarks' own.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from comparison import (  # noqa: E402
-    cached_parent,
-    comparison_parser,
-    kd_settings,
-    last_gate_logs,
-    parse_comparison_args,
-    run_all,
-    write_result,
-)
+from comparison import cached_parent, comparison_parser, kd_settings, last_gate_logs  # noqa: E402
+from comparison import parse_comparison_args, run_all, write_result  # noqa: E402
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 CARRIERS = {
@@ -63,21 +56,16 @@ QUICK = dict(train_pairs=8, eval_pairs=4, parent_steps=2, steps=2, batch_size=2,
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = comparison_parser(__doc__.split("\n\n")[0], "runs/optical_flow",
-                          "Tiny smoke run (CI): few pairs, few steps, one seed.")
+                          "Tiny smoke run (CI): few pairs, few steps, one seed.", batch_size=4, lr=4e-4,
+                          logging_steps=25)
     p.add_argument("--images", help=f"Source photographs (default: shared CIFAR-10, else {CIFAR10_HUB_ID}).")
     p.add_argument("--size", type=int, default=128, help="Frame side in pixels (multiple of 8, >= 128).")
     p.add_argument("--train_pairs", type=int, default=4000)
     p.add_argument("--eval_pairs", type=int, default=200)
-    p.add_argument("--data_seed", type=int, default=1234, help="Seed of the pairs (eval pairs use data_seed + 1).")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--iters", type=int, default=8, help="RAFT flow updates per forward, training and evaluation.")
     p.add_argument("--parent_steps", type=int, default=1000)
     p.add_argument("--steps", type=int, default=400, help="Optimiser steps of every child run.")
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--logging_steps", type=int, default=25, help="Steps between training logs (and gate statistics).")
-    p.add_argument("--gate", default="genetic")
-    p.add_argument("--kd_weight", type=float, default=1.0, help="Weight of the L1 KD term of the 'kd' baseline.")
     return parse_comparison_args(p, argv, QUICK)
 
 

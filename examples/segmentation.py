@@ -44,15 +44,8 @@ from hkt_hf.metrics import evaluate_segmentation
 
 # The comparison harness (resumable run log, KD baseline settings, cached parent) is the benchmarks' own.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from comparison import (  # noqa: E402
-    cached_parent,
-    comparison_parser,
-    kd_settings,
-    last_gate_logs,
-    parse_comparison_args,
-    run_all,
-    write_result,
-)
+from comparison import cached_parent, comparison_parser, kd_settings, last_gate_logs  # noqa: E402
+from comparison import parse_comparison_args, run_all, write_result  # noqa: E402
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 PASTED_LABELS = 11  # background + 10 CIFAR classes
@@ -71,7 +64,8 @@ QUICK = dict(train_scenes=128, eval_scenes=64, parent_epochs=2, epochs=1, seeds=
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = comparison_parser(__doc__.split("\n\n")[0], "runs/segmentation",
-                          "Tiny smoke run (CI): few scenes, few epochs, one seed.")
+                          "Tiny smoke run (CI): few scenes, few epochs, one seed.", batch_size=32, lr=2e-3,
+                          logging_steps=10)
     p.add_argument("--dataset", help="Hub id or local parquet folder of a segmentation dataset (default: pasted).")
     p.add_argument("--train_split", default="train")
     p.add_argument("--eval_split", default="validation")
@@ -81,15 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--train_scenes", type=int, default=1024, help="Training scenes (or rows of --dataset).")
     p.add_argument("--eval_scenes", type=int, default=256, help="Evaluation scenes (or rows of --dataset).")
-    p.add_argument("--data_seed", type=int, default=1234, help="Seed of the pasted scenes.")
     p.add_argument("--parent_epochs", type=float, default=10)
     p.add_argument("--epochs", type=float, default=8, help="Epochs of every child run.")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--logging_steps", type=int, default=10, help="Steps between training logs (and gate statistics).")
     p.add_argument("--carriers", nargs="+", default=CARRIERS, help="HKT carrier pairs 'parent.module=child.module'.")
-    p.add_argument("--gate", default="genetic")
-    p.add_argument("--kd_weight", type=float, default=1.0)
     p.add_argument("--kd_temperature", type=float, default=2.0)
     args = parse_comparison_args(p, argv, QUICK)
     if args.dataset and args.num_labels is None:

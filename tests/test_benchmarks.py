@@ -291,22 +291,22 @@ def positive_finite(result: dict, *keys: str) -> None:
         assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, (key, result[key])
 
 
-def assert_recorded(result: dict, out: Path) -> None:
-    """A step-cost result: written as printed, with its table, the commit and a command without absolute paths."""
+def smoke_run(script: str, out: Path) -> dict:
+    """A step-cost script's `--smoke` result: written as printed, with its table, the commit and a command without
+    absolute paths, ratios with their spread."""
+    result = json.loads(run_script(str(BENCHMARKS / script), "--smoke", "--out", str(out)).strip().splitlines()[-1])
     assert json.loads(out.read_text()) == result and out.with_suffix(".md").exists()
+    assert result["settings"]["mode"] == "smoke" and "its ratios mean nothing" in out.with_suffix(".md").read_text()
     assert result["commit"] == harness.provenance()["commit"] and isinstance(result["dirty"], bool)
     assert result["command"].startswith("python benchmarks/") and not harness.absolute_paths(result)
     assert all(s["rounds"] >= 1 and s["min"] <= s["median"] <= s["max"] for s in result["spread"].values())
+    return result
 
 
 @needs_shared
 def test_step_cost_smoke_reports_every_key(tmp_path):
     pytest.importorskip("torchdistill", reason="step_cost.py compares against torchdistill: pip install -e '.[bench]'")
-    out = tmp_path / "vision.json"
-    last = run_script(str(BENCHMARKS / "step_cost.py"), "--smoke", "--out", str(out)).strip().splitlines()[-1]
-    result = json.loads(last)
-    assert_recorded(result, out)
-    assert result["settings"]["mode"] == "smoke" and "its ratios mean nothing" in out.with_suffix(".md").read_text()
+    result = smoke_run("step_cost.py", tmp_path / "vision.json")
     positive_finite(result, "hkt_over_peer_kd", "hkt_kd_over_peer_kd", "hkt_over_reference", "saved_hkt_over_peer_kd",
                     "export_latency_ratio")
     assert result["params_exported_child"] == result["params_plain_child"] > 0
@@ -319,10 +319,7 @@ def test_step_cost_smoke_reports_every_key(tmp_path):
 
 def test_step_cost_lm_smoke_reports_every_key(tmp_path):
     pytest.importorskip("trl", reason="step_cost_lm.py compares against TRL: pip install -e '.[bench]'")
-    out = tmp_path / "lm.json"
-    last = run_script(str(BENCHMARKS / "step_cost_lm.py"), "--smoke", "--out", str(out)).strip().splitlines()[-1]
-    result = json.loads(last)
-    assert_recorded(result, out)
+    result = smoke_run("step_cost_lm.py", tmp_path / "lm.json")
     methods = {"child", "gkd", "chunked", "hkt_kd", "hkt_lm_head", "hkt_layer"}
     assert set(result["step_s"]) | set(result["errors"]) == methods
     keys = ("hkt_lm_over_peer", "hkt_kd_lm_over_peer", "saved_mib_hkt_lm_over_peer", "hkt_layer_lm_over_peer",
