@@ -7,12 +7,12 @@ crop pad 4 + flip, ImageNet mean/std, fp32, a fixed number of optimizer steps):
 2. Child: the pretrained ResNet-20, trained by each method with the same recipe, for every seed.
 3. Every child is scored once, at the end, on the full test split in fp32. Nothing is selected on the test set.
 
-Each finished run is written at once (atomically) to `<out>/cifar10.json` and skipped when the command runs again,
-so the table can be completed across sessions:
+Each finished run is appended at once to the results log `<out>/cifar10.jsonl` (`harness.RunLog`, with the commit
+it ran at) and skipped when the command runs again, so the table can be completed across sessions:
 
     python benchmarks/cifar10.py                 # full run (resumable), results in benchmarks/results/
-    python benchmarks/cifar10.py --report        # table, plot and model card again from the JSON
-    python benchmarks/cifar10.py --quick --out /tmp/q   # smoke run on subsets (CI)
+    python benchmarks/cifar10.py --report        # table, plot and model card again from the log
+    python benchmarks/cifar10.py --quick --out DIR      # smoke run on subsets (CI)
 """
 
 from __future__ import annotations
@@ -21,50 +21,31 @@ import argparse
 import copy
 import json
 import math
-import shlex
-import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from common import BATCH_SIZE, CHECKPOINTS, LR, MOMENTUM, PADDING, WEIGHT_DECAY, CifarTensors, decoded_split
+from common import load_pretrained, prepare, recipe_args
+from comparison import kd_settings
+from harness import CACHE, REPO, RESULTS, RunLog, atomic_write_json, benchmark_parser, by_method, commands_line
+from harness import notes_lines, run_missing, run_or_report, write_report
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hkt_hf import HKTTrainer, HKTTrainingArguments
+from hkt_hf.data.images import image_collator
+from hkt_hf.hub import load_lineage
+from hkt_hf.metrics import top1_accuracy
+from hkt_hf.model_card import render_model_card
 
-from common import (  # noqa: E402
-    BATCH_SIZE,
-    CACHE,
-    CHECKPOINTS,
-    LR,
-    MOMENTUM,
-    PADDING,
-    REPO,
-    RESULTS,
-    WEIGHT_DECAY,
-    CifarTensors,
-    atomic_write_json,
-    atomic_write_text,
-    commands_line,
-    decoded_split,
-    load_results,
-    load_pretrained,
-    recipe_args,
-    prepare,
-)
-
-from hkt_hf import HKTTrainer, HKTTrainingArguments  # noqa: E402
-from hkt_hf.data.images import image_collator  # noqa: E402
-from hkt_hf.metrics import top1_accuracy  # noqa: E402
-
-RESULTS_NAME = "cifar10.json"
+LOG_NAME = "cifar10.jsonl"
 MODEL_CARD = REPO / "model_cards" / "hkt-resnet20-cifar10-jpeg.md"
-KD = dict(hkt_kd_weight=1.0, hkt_kd_temperature=4.0)
+KD = dict(hkt_kd_weight=1.0, hkt_kd_temperature=4.0)  # the KD term of the HKT + KD variants
 # The HKTTrainingArguments of each method; None = the child alone, with the plain transformers Trainer.
 METHODS: dict[str, dict[str, Any] | None] = {
     "child": None,
-    "kd": dict(hkt_loss_weights=[1.0, 0.0, 0.0], **KD),
+    "kd": kd_settings(weight=1.0, temperature=4.0),  # the package's KD: HKTTrainer, loss weights [1, 0, 0]
     "hkt": {},  # the reference settings: head-input carrier, genetic gate, lambda 0.6, weights [1, 1, 1]
     "hkt+kd": dict(**KD),
     "hkt-agreement": dict(hkt_gate="agreement"),
@@ -155,84 +136,74 @@ def evaluate(model: torch.nn.Module, test_ds) -> float:
     return top1_accuracy(model.float().eval(), test_ds, batch_size=500, progress=False)
 
 
-def run_all(opts: argparse.Namespace) -> Path:
+def run_all(opts: argparse.Namespace, argv: list[str]) -> Path:
     settings = dict(QUICK if opts.quick else FULL)
     if opts.steps:
         settings["steps"] = opts.steps
     rec = recipe(settings, bf16=opts.bf16)
-    out: Path = opts.out or (CACHE / "quick-results" if opts.quick else RESULTS)
-    path = out / RESULTS_NAME
-    results = load_results(path, rec)
-    results["commands"].append({"argv": shlex.join(["python", "benchmarks/cifar10.py", *sys.argv[1:]]),
-                                "started": time.strftime("%Y-%m-%d %H:%M:%S")})
-    atomic_write_json(path, results)
+    out: Path = opts.out or (opts.cache / "quick-results" if opts.quick else RESULTS)
+    log = RunLog.open(out / LOG_NAME, rec)
+    finish = log.start_command("benchmarks/cifar10.py", argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     cache: Path = opts.cache
-    started = time.perf_counter()
     train_images, train_labels = decoded_split("train", rec["train_rows"], cache)
     test_images, test_labels = decoded_split("test", rec["test_rows"], cache)
     data = (CifarTensors(train_images, train_labels, train=True), CifarTensors(test_images, test_labels, train=False))
 
-    if "pretrained-child" not in results["reference"]:
-        results["reference"]["pretrained-child"] = evaluate(load_pretrained("resnet20"), data[1])
-        results["reference"]["pretrained-parent"] = evaluate(load_pretrained("resnet56"), data[1])
-        atomic_write_json(path, results)
+    if "pretrained-child" not in log.reference:
+        log.set_reference("pretrained-child", evaluate(load_pretrained("resnet20"), data[1]))
+        log.set_reference("pretrained-parent", evaluate(load_pretrained("resnet56"), data[1]))
     parent, parent_info = adapted_parent(rec, data, cache)
-    results["reference"]["adapted-parent"] = parent_info
-    atomic_write_json(path, results)
+    log.set_reference("adapted-parent", parent_info)
 
-    for seed in opts.seeds:  # seed-major order: an interrupted run leaves every method with similar seed counts
-        for method in opts.methods:
-            key = f"{method}/seed{seed}"
-            if key in results["runs"]:
-                print(f"skip {key}: already in {path}", flush=True)
-                continue
-            print(f"run {key} ({rec['steps']} steps)", flush=True)
-            child = prepare(load_pretrained("resnet20"), rec["bf16"])
-            trainer = trainer_for(method, child, cache / "tmp-runs", seed, rec, data[0], parent)
-            seconds = train(trainer, rec["bf16"])
-            child = trainer.model
-            accuracy = evaluate(child, data[1])
-            trainer.save_model(str(cache / "runs" / out.name / method / f"seed{seed}"))
-            results["runs"][key] = {"method": method, "seed": seed, "test_accuracy": accuracy, "train_s": seconds,
-                                    "logs": final_logs(trainer),
-                                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-            atomic_write_json(path, results)
-            print(f"done {key}: {accuracy:.2f} % in {seconds:.0f} s", flush=True)
-    results["commands"][-1]["wall_s"] = time.perf_counter() - started
-    atomic_write_json(path, results)
+
+    def run(method: str, seed: int) -> dict[str, Any]:
+        folder = cache / "runs" / out.name / method / f"seed{seed}"
+        record = run_one(method, seed, rec, data, parent, folder)
+        if "lineage" in record:  # the parent was loaded from its cached folder: an absolute path
+            record["lineage"]["hkt_parent"] = log.relative(record["lineage"]["hkt_parent"])
+        return {**record, "folder": log.relative(folder)}
+
+    run_missing(log, opts.seeds, opts.methods, run)
+    finish()
     report(out)
-    return path
+    return log.path
+
+
+def run_one(method: str, seed: int, rec: dict[str, Any], data, parent, folder: Path) -> dict[str, Any]:
+    """Train and score one child; its folder gets the child, its lineage and the card of the package's trainer."""
+    child = prepare(load_pretrained("resnet20"), rec["bf16"])
+    trainer = trainer_for(method, child, folder, seed, rec, data[0], parent)
+    seconds = train(trainer, rec["bf16"])
+    accuracy = evaluate(trainer.model, data[1])
+    trainer.save_model()
+    trainer.create_model_card(model_name=f"resnet20-cifar10-jpeg-{method}", dataset="cifar10 (JPEG re-encode)",
+                              tags=["image-classification", "cifar10"])
+    record = {"method": method, "seed": seed, "settings": METHODS[method], "test_accuracy": accuracy,
+              "train_s": seconds, "logs": final_logs(trainer)}
+    if isinstance(trainer, HKTTrainer):
+        record["lineage"] = load_lineage(folder)
+    return record
 
 
 # ---- report ---------------------------------------------------------------------------------------------------
 
 
-def summarise(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per method: seeds, accuracies, mean and sample std (0 with one seed), mean train seconds."""
-    rows: dict[str, dict[str, Any]] = {}
-    for run in results["runs"].values():
-        rows.setdefault(run["method"], {"seeds": [], "acc": [], "train_s": []})
-        rows[run["method"]]["seeds"].append(run["seed"])
-        rows[run["method"]]["acc"].append(run["test_accuracy"])
-        rows[run["method"]]["train_s"].append(run["train_s"])
-    for row in rows.values():
-        row["mean"] = statistics.fmean(row["acc"])
-        row["std"] = statistics.stdev(row["acc"]) if len(row["acc"]) > 1 else 0.0
-        row["mean_train_s"] = statistics.fmean(row["train_s"])
-    return {m: rows[m] for m in METHODS if m in rows}
+def summarise(log: RunLog) -> dict[str, dict[str, Any]]:
+    """Per method: seeds, accuracies (`values`), mean and sample std, mean train seconds."""
+    return by_method(log.runs.values(), "test_accuracy", METHODS)
 
 
-def markdown_table(results: dict[str, Any]) -> str:
-    rec, ref = results["recipe"], results["reference"]
+def markdown_table(log: RunLog) -> str:
+    rec, ref = log.recipe, log.reference
     lines = [
         "| method | seeds | final test top-1 % (mean +- std) | per seed | train s / run |",
         "|---|---|---|---|---|",
     ]
-    for method, row in summarise(results).items():
-        per_seed = ", ".join(f"{a:.2f}" for _, a in sorted(zip(row["seeds"], row["acc"])))
-        lines.append(f"| {DESCRIPTIONS[method]} | {len(row['acc'])} | {row['mean']:.2f} +- {row['std']:.2f} | "
+    for method, row in summarise(log).items():
+        per_seed = ", ".join(f"{a:.2f}" for _, a in sorted(zip(row["seeds"], row["values"])))
+        lines.append(f"| {DESCRIPTIONS[method]} | {len(row['values'])} | {row['mean']:.2f} +- {row['std']:.2f} | "
                      f"{per_seed} | {row['mean_train_s']:.0f} |")
     lines += ["", "| reference model (not trained here) | test top-1 % |", "|---|---|"]
     if "pretrained-child" in ref:
@@ -241,156 +212,114 @@ def markdown_table(results: dict[str, Any]) -> str:
     if "adapted-parent" in ref:
         lines.append(f"| parent: ResNet-56 adapted to the JPEG train split, {ref['adapted-parent']['steps']} steps "
                      f"| {ref['adapted-parent']['test_accuracy']:.2f} |")
-    rows = rec["train_rows"] or "all 50,000"
-    test = rec["test_rows"] or "all 10,000"
-    lines += [
-        "",
-        f"Recipe: {rec['steps']} optimizer steps per child run (batch {rec['batch_size']}, {rows} training images), "
-        f"SGD lr {rec['lr']} momentum {rec['momentum']} weight decay {rec['weight_decay']}, {rec['schedule']}, "
-        f"{rec['augmentation']}, {rec['normalisation']}, {'bf16 autocast' if rec['bf16'] else 'fp32'} training; "
-        f"final accuracy in fp32 on {test} test images, measured once after the last step.",
-        "",
-        commands_line(results["commands"]),
-    ]
-    for note in sorted({run["note"] for run in results["runs"].values() if "note" in run}):
-        keys = sorted(key for key, run in results["runs"].items() if run.get("note") == note)
-        lines += ["", f"{', '.join(f'`{k}`' for k in keys)}: {note}"]
+    lines += ["", recipe_line(rec), "", commands_line(log.commands.values()), *notes_lines(log.runs)]
     return "\n".join(lines)
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
+def recipe_line(rec: dict[str, Any]) -> str:
+    rows = rec["train_rows"] or "all 50,000"
+    test = rec["test_rows"] or "all 10,000"
+    return (f"Recipe: {rec['steps']} optimizer steps per child run (batch {rec['batch_size']}, {rows} training "
+            f"images), "
+            f"SGD lr {rec['lr']} momentum {rec['momentum']} weight decay {rec['weight_decay']}, {rec['schedule']}, "
+            f"{rec['augmentation']}, {rec['normalisation']}, {'bf16 autocast' if rec['bf16'] else 'fp32'} training; "
+            f"final accuracy in fp32 on {test} test images, measured once after the last step.")
 
-    matplotlib.use("Agg")
+
+def plot(log: RunLog, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    rows = summarise(results)
+    rows = summarise(log)
     fig, ax = plt.subplots(figsize=(7, 4))
     names = list(rows)
     for i, name in enumerate(names):
         row = rows[name]
         ax.bar(i, row["mean"], yerr=row["std"], capsize=4, color="#4C72B0" if name.startswith("hkt") else "#999999")
-        ax.scatter([i] * len(row["acc"]), row["acc"], color="black", s=10, zorder=3)
-    ref = results["reference"]
+        ax.scatter([i] * len(row["values"]), row["values"], color="black", s=10, zorder=3)
+    ref = log.reference
     for label, value, style in (("pretrained ResNet-20", ref.get("pretrained-child"), ":"),
                                 ("adapted parent", ref.get("adapted-parent", {}).get("test_accuracy"), "--")):
         if value is not None:
             ax.axhline(value, linestyle=style, color="#C44E52", label=f"{label} ({value:.2f})")
-    ax.set_xticks(range(len(names)), [f"{n}\n(n={len(rows[n]['acc'])})" for n in names])
-    accs = [a for r in rows.values() for a in r["acc"]] + [v for v in (ref.get("pretrained-child"),) if v]
+    ax.set_xticks(range(len(names)), [f"{n}\n(n={len(rows[n]['values'])})" for n in names])
+    accs = [a for r in rows.values() for a in r["values"]] + [v for v in (ref.get("pretrained-child"),) if v]
     if accs:
         ax.set_ylim(math.floor(min(accs)) - 1, math.ceil(max(accs)) + 1)
     ax.set_ylabel("final test top-1 % (JPEG CIFAR-10)")
-    ax.set_title(f"ResNet-20 child, ResNet-56 parent, {results['recipe']['steps']} steps per run")
+    ax.set_title(f"ResNet-20 child, ResNet-56 parent, {log.recipe['steps']} steps per run")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def model_card(results: dict[str, Any]) -> str | None:
-    """The card of the best HKT method by mean final test accuracy (an HKT variant is chosen on test numbers,
-    which the card states), or None before any HKT run has finished."""
-    rows = summarise(results)
+def model_card(log: RunLog) -> str | None:
+    """The card of the best HKT method by mean final test accuracy (so the variant was chosen on test numbers, which
+    the card states), rendered by the package's `render_model_card` from the lineage its runs logged; None before
+    such a run has finished."""
+    rows = summarise(log)
     hkt = {m: r for m, r in rows.items() if m.startswith("hkt")}
-    if not hkt:
+    best = max(hkt, key=lambda m: hkt[m]["mean"], default=None)
+    lineage = next((run["lineage"] for _, run in sorted(log.runs.items())
+                    if run["method"] == best and "lineage" in run), None)
+    if lineage is None:
         return None
-    best = max(hkt, key=lambda m: hkt[m]["mean"])
-    rec, ref, row = results["recipe"], results["reference"], hkt[best]
-    config = {"parent": "ResNet-56 adapted to JPEG CIFAR-10 (see Lineage)", "carriers": ["auto"], "gate": "genetic",
-              "lam": 0.6, "loss_weights": [1.0, 1.0, 1.0], "kd_weight": 0.0}
-    config.update({k.removeprefix("hkt_").replace("lambda", "lam"): v for k, v in (METHODS[best] or {}).items()})
-    params = load_pretrained("resnet20").num_parameters()
-    per_seed = ", ".join(f"{a:.2f}" for a in row["acc"])
-    baseline = lambda m: (f"{rows[m]['mean']:.2f} +- {rows[m]['std']:.2f} ({len(rows[m]['acc'])} seeds)"  # noqa: E731
-                          if m in rows else "not run yet")
-    return f"""---
-library_name: transformers
-tags: [hkt, knowledge-transfer, image-classification, cifar10]
-datasets: [cifar10]
-metrics: [accuracy]
----
+    row, ref = hkt[best], log.reference
+    card = render_model_card(
+        lineage, MODEL_CARD.stem, auto_class="AutoModelForImageClassification", task="image-classification",
+        dataset="cifar10", child_metrics={"accuracy": round(row["mean"], 2)},
+        parent_metrics=({"accuracy": round(ref["adapted-parent"]["test_accuracy"], 2)}
+                        if "adapted-parent" in ref else None),
+        training_recipe={"recipe": recipe_line(log.recipe), "child initialisation": CHECKPOINTS["resnet20"],
+                         "parent": f"{CHECKPOINTS['resnet56']} adapted to the JPEG training split "
+                                   f"({log.recipe['parent_steps']} steps, seed 0), then frozen"},
+        tags=["image-classification", "cifar10"],
+    )
+    def baseline(m: str) -> str:
+        row = rows.get(m)
+        return f"{row['mean']:.2f} +- {row['std']:.2f} ({len(row['values'])} seeds)" if row else "not run yet"
 
-# HKT ResNet-20 on CIFAR-10 (JPEG re-encode)
+    return card.content.rstrip() + f"""
 
-<!-- Generated by `python benchmarks/cifar10.py --report` from benchmarks/results/cifar10.json: do not edit. -->
+## Against the baselines of the same benchmark
 
-A CIFAR ResNet-20 (`CifarResNetForImageClassification`, {params:,} parameters: the plain ResNet-20's architecture and
-speed) trained with Hereditary Knowledge Transfer from a ResNet-56 parent using `hkt_hf.HKTTrainer`.
-Method: {DESCRIPTIONS[best]}. This is the best of the HKT variants run by the benchmark by mean final test
-accuracy (so the variant, though not any checkpoint or epoch, was chosen on the test set).
+<!-- Generated by `python benchmarks/cifar10.py --report` from benchmarks/results/{LOG_NAME}: do not edit. -->
 
-## Results (final test top-1 %, JPEG CIFAR-10 test split, mean +- std over seeds)
+Method: {DESCRIPTIONS[best]}, the best HKT variant of `benchmarks/cifar10.py` by mean final test accuracy (so the
+variant, though not any checkpoint or epoch, was chosen on the test set). Numbers are for this JPEG re-encode of
+CIFAR-10 only; they are not comparable with results on the original data.
 
-| model | accuracy |
+| model (final test top-1 %, mean +- std over seeds) | accuracy |
 |---|---|
-| this recipe, {best} | {row['mean']:.2f} +- {row['std']:.2f} ({len(row['acc'])} seeds: {per_seed}) |
+| this recipe, {best} | {baseline(best)} |
 | same recipe, child alone | {baseline('child')} |
 | same recipe, KD (T = 4) | {baseline('kd')} |
 | pretrained ResNet-20, before training | {ref.get('pretrained-child', float('nan')):.2f} |
-| parent (adapted ResNet-56) | {ref.get('adapted-parent', {}).get('test_accuracy', float('nan')):.2f} |
 
-Numbers are for this JPEG re-encode of CIFAR-10 only; they are not comparable with results on the original data.
-
-## Lineage
-- Child initialisation: `{CHECKPOINTS['resnet20']}` (public CIFAR ResNet-20), imported with `hkt_hf.models.cifar_resnet.convert_reference_checkpoint`.
-- Parent: `{CHECKPOINTS['resnet56']}` (public CIFAR ResNet-56), adapted to the JPEG training split for
-  {rec['parent_steps']} steps with the recipe below (seed 0), then frozen.
-- HKT settings (`hkt_config.json`): `{json.dumps(config, sort_keys=True)}`.
-- Recipe: {rec['steps']} steps, batch {rec['batch_size']}, SGD lr {rec['lr']} momentum {rec['momentum']} weight decay
-  {rec['weight_decay']}, {rec['schedule']}, {rec['augmentation']}, {rec['normalisation']},
-  {'bf16 autocast' if rec['bf16'] else 'fp32'} on CPU.
-- Weights: written by the benchmark to `benchmarks/.cache/runs/<out>/{best}/seed<k>/` (not committed).
-
-## Use
-```python
-import hkt_hf  # registers the architecture
-from transformers import AutoModelForImageClassification
-model = AutoModelForImageClassification.from_pretrained("path/to/{best}/seed0")
-```
-The child runs alone: no parent and no gate at inference.
-
-## Limitations
-Short CPU fine-tuning budget ({rec['steps']} steps) from pretrained weights; {len(row['acc'])} seeds.
 Reproduce with `python benchmarks/cifar10.py` (see benchmarks/README.md).
 """
 
 
 def report(out: Path) -> None:
-    """Table, plot and model card from `<out>/cifar10.json`; the card goes to model_cards/ only for the committed
+    """Table, plot and model card from `<out>/cifar10.jsonl`; the card goes to model_cards/ only for the committed
     results folder, into `out` otherwise."""
-    path = out / RESULTS_NAME
-    if not path.exists():
-        raise SystemExit(f"No results at {path}: run `python benchmarks/cifar10.py` first.")
-    results = json.loads(path.read_text())
-    atomic_write_text(out / "cifar10.md", "# CIFAR-10 (JPEG) final test accuracy\n\n" + markdown_table(results) + "\n")
-    plot(results, out / "cifar10.png")
-    card = model_card(results)
+    log = RunLog.read(out / LOG_NAME)
+    write_report(out, "cifar10", "CIFAR-10 (JPEG) final test accuracy", markdown_table(log), lambda p: plot(log, p))
+    card = model_card(log)
     if card is not None:
-        atomic_write_text(MODEL_CARD if out.resolve() == RESULTS.resolve() else out / MODEL_CARD.name, card)
-    print(markdown_table(results))
+        target = MODEL_CARD if out.resolve() == RESULTS.resolve() else out / MODEL_CARD.name
+        target.write_text(card)
+    else:
+        print("No model card written: no HKT run with a logged lineage yet.")
+    print(markdown_table(log))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few steps on subsets: a CI smoke run")
-    parser.add_argument("--report", action="store_true", help="only regenerate table, plot and card from the JSON")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (default benchmarks/results, or benchmarks/.cache/quick-results)")
-    parser.add_argument("--cache", type=Path, default=CACHE, help="decoded data, adapted parent and child weights")
-    parser.add_argument("--methods", nargs="+", default=["child", "kd", "hkt"], choices=list(METHODS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2 (--quick: 0)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per child run (part of the recipe)")
+    parser = benchmark_parser(__doc__.split("\n\n")[0], METHODS, ["child", "kd", "hkt"], CACHE,
+                              "a few steps on subsets: a CI smoke run")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast + channels-last (faster, but lost accuracy in a check; part of the recipe)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    opts = parser.parse_args(argv)
-    if opts.report:
-        report(opts.out or RESULTS)
-        return 0
-    opts.seeds = opts.seeds or ([0] if opts.quick else [0, 1, 2])
-    run_all(opts)
-    return 0
+    return run_or_report(parser.parse_args(argv), argv, run_all, report)
 
 
 if __name__ == "__main__":

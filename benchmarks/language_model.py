@@ -1,71 +1,55 @@
 """Test perplexity of a small Llama-style child language model trained alone, with KD and with HKT variants, on the
 python-stdlib corpus (CPython's standard library source; `../shared/data/python-stdlib`).
 
-The task (tokenizer, blocks, models) is `examples/lm_task.py`, shared with `examples/language_modeling.py`:
+The task (tokenizer, blocks, models) is `benchmarks/lm_task.py`, which `examples/language_modeling.py` uses too:
 
 1. A byte-level BPE tokenizer trained on the train split, and a Llama parent trained from scratch on it with the
    plain `Trainer` (seed 0); both cached as `save_pretrained` folders (the parent with its tokenizer and a card).
 2. For each seed and method, the same child recipe (steps, lr, batch, cosine schedule; the seed sets the child's
-   initialisation and the data order): `child` alone (plain `Trainer`), `kd` (plain KD `Trainer`: CE + forward
-   KL(parent || child) on the logits, T = 1, weight 1), HKT on the LM head's input with each gate (`hkt` = genetic,
-   the reference), `hkt-layers` (decoder-layer carriers), `hkt+kd`.
+   initialisation and the data order): `child` alone (plain `Trainer`), `kd` (the package's KD: `HKTTrainer` with
+   loss weights [1, 0, 0], CE + forward KL(parent || child) on the logits, T = 1, weight 1), HKT on the LM head's
+   input with each gate (`hkt` = genetic, the reference), `hkt-layers` (decoder-layer carriers), `hkt+kd`.
 3. Validation perplexity every `eval_every` steps on a fixed subset of the validation blocks (a curve: nothing is
    chosen with it), test perplexity once after the last step; the gate statistics of every carrier at every log.
 
-Each finished run is written at once (atomically) to `<out>/language_model.json` and skipped when the command runs
-again. The table (`.md`), the plot of the validation curves (`.png`) and the best child (lowest test perplexity,
-with its model card) are regenerated from the JSON after each invocation:
+Each finished run is appended at once to the results log `<out>/language_model.jsonl` (`harness.RunLog`, with the
+commit it ran at) and skipped when the command runs again. The table (`.md`), the plot of the validation curves
+(`.png`) and the best child (lowest test perplexity, with its model card) are regenerated from the log after each
+invocation:
 
     python benchmarks/language_model.py                     # full run (resumable), results in benchmarks/results/
-    python benchmarks/language_model.py --report            # table, plot and best child again from the JSON
-    python benchmarks/language_model.py --quick --out /tmp/q    # smoke run, tiny sizes, < 60 s on 2 cores
+    python benchmarks/language_model.py --report            # table, plot and best child again from the log
+    python benchmarks/language_model.py --quick --out DIR   # smoke run, tiny sizes, < 60 s on 2 cores
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import shlex
 import shutil
 import statistics
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import ModelCard
+from comparison import kd_settings
+from harness import CACHE, RESULTS, RunLog, benchmark_parser, by_method, commands_line, notes_lines, run_missing
+from harness import run_or_report, write_report
+from lm_task import DATA_DIR, DATASET, FULL_SIZES, HEAD_CARRIER, LMSizes, child_config, lm_args, new_model, perplexity
+from lm_task import prepare, set_license, strided
 from transformers import Trainer, default_data_collator
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from hkt_hf import HKTTrainer, HKTTrainingArguments
 
-from common import CACHE, RESULTS, atomic_write_json, atomic_write_text, commands_line, load_results  # noqa: E402
-from comparison import KDTrainer  # noqa: E402
-from lm_task import (  # noqa: E402
-    DATA_DIR,
-    FULL_SIZES,
-    HEAD_CARRIER,
-    LMSizes,
-    child_config,
-    lm_args,
-    new_model,
-    perplexity,
-    prepare,
-    strided,
-)
-
-from hkt_hf import HKTTrainer, HKTTrainingArguments  # noqa: E402
-
-RESULTS_NAME = "language_model.json"
-KD = dict(hkt_kd_weight=1.0, hkt_kd_temperature=1.0)
+LOG_NAME = "language_model.jsonl"
+KD = dict(hkt_kd_weight=1.0, hkt_kd_temperature=1.0)  # the KD term of the HKT + KD variants
 LAYERS = "layers"  # stands for the decoder-layer carriers, which depend on the two depths (`layer_carriers`)
-# The HKTTrainingArguments of each method; None = the child alone (plain Trainer); "kd" = the plain KD Trainer.
-METHODS: dict[str, dict[str, Any] | str | None] = {
+# The HKTTrainingArguments of each method; None = the child alone (plain Trainer).
+METHODS: dict[str, dict[str, Any] | None] = {
     "child": None,
-    "kd": "kd",
+    "kd": dict(hkt_carriers=[HEAD_CARRIER], **kd_settings(weight=1.0, temperature=1.0)),
     "hkt": dict(hkt_carriers=[HEAD_CARRIER]),
     "hkt-layers": dict(hkt_carriers=LAYERS),
     "hkt+kd": dict(hkt_carriers=[HEAD_CARRIER], **KD),
@@ -76,7 +60,7 @@ METHODS: dict[str, dict[str, Any] | str | None] = {
 }
 DESCRIPTIONS = {
     "child": "child alone (plain `Trainer`)",
-    "kd": "KD: CE + forward KL(parent, child) on logits, T = 1, weight 1 (plain KD `Trainer`)",
+    "kd": "KD: CE + forward KL(parent, child) on logits, T = 1, weight 1 (`HKTTrainer`, loss weights [1, 0, 0])",
     "hkt": "HKT, LM-head input, genetic gate (reference: lambda 0.6, weights [1, 1, 1])",
     "hkt-layers": "HKT, decoder-layer carriers, genetic gate",
     "hkt+kd": "HKT reference + KD term (T = 1, weight 1)",
@@ -123,8 +107,6 @@ def trainer_for(method: str, seed: int, rec: dict[str, Any], run_dir: Path, data
     extra = METHODS[method]
     if extra is None:
         return Trainer(child, lm_args(**run), **common)
-    if extra == "kd":
-        return KDTrainer(child, lm_args(**run), teacher=parent, kd_weight=1.0, temperature=1.0, **common)
     if extra["hkt_carriers"] == LAYERS:
         extra = dict(extra, hkt_carriers=layer_carriers(parent.config.num_hidden_layers,
                                                         child.config.num_hidden_layers))
@@ -144,93 +126,45 @@ def history(trainer: Trainer) -> dict[str, Any]:
     return {"validation_curve": curve, "gates": gates}
 
 
-# The corpus is CPython's source under the PSF License 2.0, which is not one of the Hub's license identifiers: the
-# Hub's convention for such licenses is `license: other` with a name and a link.
-LICENSE = {"license": "other", "license_name": "psf-2.0", "license_link": "https://docs.python.org/3/license.html"}
-
-
-def set_license(card_path: Path) -> None:
-    """Give a card written by `Trainer.create_model_card` (which takes only a license identifier) the PSF license."""
-    card = ModelCard.load(card_path)
-    for key, value in LICENSE.items():
-        setattr(card.data, key, value)
-    card.save(card_path)
-
-
-def parent_card(folder: Path, info: dict[str, Any]) -> None:
-    """A short card for the cached parent (the children's cards come from `Trainer.create_model_card`)."""
-    sizes = info["sizes"]
-    ModelCard(f"""---
-library_name: transformers
-pipeline_tag: text-generation
-tags: [llama, python, hkt-parent]
-license: {LICENSE['license']}
-license_name: {LICENSE['license_name']}
-license_link: {LICENSE['license_link']}
----
-
-# Llama parent on the CPython standard library
-
-Parent of the HKT language-model benchmark (`benchmarks/language_model.py`): a {sizes['parent_layers']}-layer,
-{sizes['parent_hidden']}-wide Llama ({info['params']:,} parameters, tied embeddings) trained from scratch with the
-plain `transformers.Trainer` for {info['steps']} steps (batch {sizes['batch_size']} x {sizes['block_size']} tokens,
-lr {sizes['lr']}, seed 0) on the train split of the python-stdlib corpus (CPython 3.11.7 `*.py` files, PSF license),
-with a byte-level BPE tokenizer of {sizes['vocab_size']} tokens trained on the same split.
-
-Validation perplexity {info['validation_perplexity']:.2f}, test perplexity {info['test_perplexity']:.2f}.
-A small model for a CPU benchmark, not a code assistant.
-""").save(folder / "README.md")
-
-
-def run_all(opts: argparse.Namespace) -> Path:
+def run_all(opts: argparse.Namespace, argv: list[str]) -> Path:
     settings = dict(QUICK if opts.quick else FULL)
     if opts.steps:
         settings["steps"] = opts.steps
     rec = recipe(settings)
     out: Path = opts.out or (opts.cache / "quick-results" if opts.quick else RESULTS)
-    path = out / RESULTS_NAME
-    results = load_results(path, rec)
-    results["commands"].append({"argv": shlex.join(["python", "benchmarks/language_model.py", *sys.argv[1:]]),
-                                "started": time.strftime("%Y-%m-%d %H:%M:%S")})
-    atomic_write_json(path, results)
+    log = RunLog.open(out / LOG_NAME, rec)
+    finish = log.start_command("benchmarks/language_model.py", argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    started = time.perf_counter()
     tokenizer, data, parent, info = prepare(opts.data_dir, settings["sizes"], opts.cache)
-    parent_folder = opts.cache / f"parent-{settings['sizes'].key()}"
-    parent_card(parent_folder, info)  # rewritten each time: cheap, and follows changes to the card
-    results["reference"]["parent"] = {**info, "folder": str(parent_folder)}
-    results["reference"]["blocks"] = {split: len(ds) for split, ds in data.items()}
-    atomic_write_json(path, results)
+    log.set_reference("parent", {**info, "folder": log.relative(opts.cache / f"parent-{settings['sizes'].key()}")})
+    log.set_reference("blocks", {split: len(ds) for split, ds in data.items()})
 
-    for seed in opts.seeds:  # seed-major order: an interrupted run leaves every method with similar seed counts
-        for method in opts.methods:
-            key = f"{method}/seed{seed}"
-            if key in results["runs"]:
-                print(f"skip {key}: already in {path}", flush=True)
-                continue
-            print(f"run {key} ({rec['steps']} steps)", flush=True)
-            run_dir = opts.cache / "runs" / out.name / method / f"seed{seed}"
-            run_start = time.perf_counter()
-            trainer = trainer_for(method, seed, rec, run_dir, data, tokenizer, parent)
-            trainer.train()
-            train_s = time.perf_counter() - run_start
-            test = perplexity(trainer.evaluate(data["test"], metric_key_prefix="test"), "test")
-            trainer.save_model()
-            trainer.create_model_card(model_name=f"python-stdlib-llama-child-{method}", language="code",
-                                      tags=["llama", "python", method],
-                                      dataset="python-stdlib (CPython 3.11.7 standard library source)",
-                                      tasks="text-generation")
-            set_license(run_dir / "README.md")
-            results["runs"][key] = {"method": method, "seed": seed, "test_perplexity": test, "train_s": train_s,
-                                    "run_s": time.perf_counter() - run_start, "folder": str(run_dir),
-                                    **history(trainer), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-            atomic_write_json(path, results)
-            print(f"done {key}: test perplexity {test:.2f} in {train_s:.0f} s", flush=True)
-    results["commands"][-1]["wall_s"] = time.perf_counter() - started
-    atomic_write_json(path, results)
+
+    def run(method: str, seed: int) -> dict[str, Any]:
+        run_dir = opts.cache / "runs" / out.name / method / f"seed{seed}"
+        return {**run_one(method, seed, rec, run_dir, data, tokenizer, parent), "folder": log.relative(run_dir)}
+
+    run_missing(log, opts.seeds, opts.methods, run)
+    finish()
     report(out, opts.cache)
-    return path
+    return log.path
+
+
+def run_one(method: str, seed: int, rec: dict[str, Any], run_dir: Path, data, tokenizer, parent) -> dict[str, Any]:
+    """Train one child, score it on the test blocks and save it with the card of the package's trainer."""
+    run_start = time.perf_counter()
+    trainer = trainer_for(method, seed, rec, run_dir, data, tokenizer, parent)
+    trainer.train()
+    train_s = time.perf_counter() - run_start
+    test = perplexity(trainer.evaluate(data["test"], metric_key_prefix="test"), "test")
+    trainer.save_model()
+    trainer.create_model_card(model_name=f"python-stdlib-llama-child-{method}", language="code",
+                              tags=["llama", "python", method],
+                              dataset=DATASET, tasks="text-generation")
+    set_license(run_dir / "README.md")
+    return {"method": method, "seed": seed, "settings": METHODS[method], "test_perplexity": test, "train_s": train_s,
+            "run_s": time.perf_counter() - run_start, **history(trainer)}
 
 
 # ---- report ---------------------------------------------------------------------------------------------------
@@ -240,42 +174,36 @@ def final(series: list[list[float]]) -> float:
     return series[-1][1]
 
 
-def summarise(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per method: seeds, test perplexities, mean and sample std (0 with one seed), mean seconds per run, and per
-    carrier the last logged gate mean and mixing weight averaged over the seeds."""
-    rows: dict[str, dict[str, Any]] = {}
-    for run in results["runs"].values():
-        row = rows.setdefault(run["method"], {"seeds": [], "ppl": [], "train_s": [], "gates": {}})
-        row["seeds"].append(run["seed"])
-        row["ppl"].append(run["test_perplexity"])
-        row["train_s"].append(run["train_s"])
-        for carrier, stats in run["gates"].items():
-            for stat, series in stats.items():
-                row["gates"].setdefault(carrier, {}).setdefault(stat, []).append(final(series))
-    for row in rows.values():
-        row["mean"] = statistics.fmean(row["ppl"])
-        row["std"] = statistics.stdev(row["ppl"]) if len(row["ppl"]) > 1 else 0.0
-        row["mean_train_s"] = statistics.fmean(row["train_s"])
-    return {m: rows[m] for m in METHODS if m in rows}
+def summarise(log: RunLog) -> dict[str, dict[str, Any]]:
+    """Per method: seeds, test perplexities (`values`), mean and sample std, mean seconds per run, and per carrier
+    the last logged gate mean and mixing weight of each seed."""
+    rows = by_method(log.runs.values(), "test_perplexity", METHODS)
+    for method, row in rows.items():
+        row["gates"] = {}
+        for run in (r for r in log.runs.values() if r["method"] == method):
+            for carrier, stats in run["gates"].items():
+                for stat, series in stats.items():
+                    row["gates"].setdefault(carrier, {}).setdefault(stat, []).append(final(series))
+    return rows
 
 
-def markdown_table(results: dict[str, Any]) -> str:
-    rec, parent = results["recipe"], results["reference"].get("parent", {})
+def markdown_table(log: RunLog) -> str:
+    rec, parent = log.recipe, log.reference.get("parent", {})
     sizes = rec["sizes"]
     lines = ["| method | seeds | test perplexity (mean +- std) | per seed | final gate a / mixing weight | s / run |",
              "|---|---|---|---|---|---|"]
-    for method, row in summarise(results).items():
-        per_seed = ", ".join(f"{p:.2f}" for _, p in sorted(zip(row["seeds"], row["ppl"])))
+    for method, row in summarise(log).items():
+        per_seed = ", ".join(f"{p:.2f}" for _, p in sorted(zip(row["seeds"], row["values"])))
         gates = "; ".join(f"`{c}`: {statistics.fmean(s['gate_mean']):.3f} / "
                           f"{statistics.fmean(s['mix_weight_mean']):.3f}" for c, s in row["gates"].items()) or "-"
-        lines.append(f"| {DESCRIPTIONS[method]} | {len(row['ppl'])} | {row['mean']:.2f} +- {row['std']:.2f} | "
+        lines.append(f"| {DESCRIPTIONS[method]} | {len(row['values'])} | {row['mean']:.2f} +- {row['std']:.2f} | "
                      f"{per_seed} | {gates} | {row['mean_train_s']:.0f} |")
     if parent:
         lines += ["", f"Parent ({sizes['parent_layers']} layers, hidden {sizes['parent_hidden']}, {parent['params']:,} "
                       f"parameters, plain `Trainer`, {parent['steps']} steps, {parent['train_s']:.0f} s): validation "
                       f"perplexity {parent['validation_perplexity']:.2f}, test perplexity "
                       f"{parent['test_perplexity']:.2f}."]
-    blocks_text = ", ".join(f"{split} {n}" for split, n in results["reference"].get("blocks", {}).items())
+    blocks_text = ", ".join(f"{split} {n}" for split, n in log.reference.get("blocks", {}).items())
     lines += [
         "",
         f"Recipe: tokenizer byte-level BPE, {sizes['vocab_size']} tokens, trained on the train split; blocks of "
@@ -288,26 +216,24 @@ def markdown_table(results: dict[str, Any]) -> str:
         "",
         f"Sizing: {SIZING}.",
         "",
-        commands_line(results["commands"]),
+        commands_line(log.commands.values()),
+        *notes_lines(log.runs),
     ]
     return "\n".join(lines)
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
+def plot(log: RunLog, path: Path) -> None:
     """Validation perplexity against step, mean over seeds per method, with the parent's as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in summarise(results):
-        curves = [r["validation_curve"] for r in results["runs"].values() if r["method"] == method]
+    for method in summarise(log):
+        curves = [r["validation_curve"] for r in log.runs.values() if r["method"] == method]
         steps = [s for s, _ in curves[0]]
         mean = [statistics.fmean(c[i][1] for c in curves) for i in range(len(steps))]
         ax.plot(steps, mean, marker=".", label=f"{method} (n={len(curves)})",
                 linestyle="-" if method.startswith("hkt") else "--")
-    parent = results["reference"].get("parent")
+    parent = log.reference.get("parent")
     if parent:
         ax.axhline(parent["validation_perplexity"], color="black", linestyle=":", label="parent (full validation)")
     ax.set_yscale("log")
@@ -321,43 +247,24 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def report(out: Path, cache: Path) -> None:
-    """Table and plot from `<out>/language_model.json`; the best child's folder (with its card) copied to
+    """Table and plot from `<out>/language_model.jsonl`; the best child's folder (with its card) copied to
     `<cache>/best-child-<out name>` when its run folder is on this machine."""
-    path = out / RESULTS_NAME
-    if not path.exists():
-        raise SystemExit(f"No results at {path}: run `python benchmarks/language_model.py` first.")
-    results = json.loads(path.read_text())
-    atomic_write_text(out / "language_model.md", "# Causal language model on python-stdlib: test perplexity\n\n"
-                      + markdown_table(results) + "\n")
-    plot(results, out / "language_model.png")
-    if results["runs"]:
-        best = min(results["runs"].values(), key=lambda r: r["test_perplexity"])
-        if Path(best["folder"]).is_dir():
-            shutil.copytree(best["folder"], cache / f"best-child-{out.name}", dirs_exist_ok=True)
-            set_license(cache / f"best-child-{out.name}" / "README.md")  # cards of runs made before it was set
-    print(markdown_table(results))
+    log = RunLog.read(out / LOG_NAME)
+    write_report(out, "language_model", "Causal language model on python-stdlib: test perplexity", markdown_table(log),
+                 lambda path: plot(log, path))
+    if log.runs:
+        best = log.resolve(min(log.runs.values(), key=lambda r: r["test_perplexity"])["folder"])
+        if best.is_dir():
+            shutil.copytree(best, cache / f"best-child-{out.name}", dirs_exist_ok=True)
+    print(markdown_table(log))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
-    parser.add_argument("--report", action="store_true", help="only regenerate table, plot and best child")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (default benchmarks/results, or <cache>/quick-results with --quick)")
-    parser.add_argument("--cache", type=Path, default=CACHE / "language_model",
-                        help="tokenizer, parent, every child run and the best child (save_pretrained folders)")
+    parser = benchmark_parser(__doc__.split("\n\n")[0], METHODS, METHODS, CACHE / "language_model",
+                              "tiny sizes: a smoke run")
     parser.add_argument("--data_dir", type=Path, default=DATA_DIR, help="the python-stdlib parquet folder")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2 (--quick: 0)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per child run (part of the recipe)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     opts = parser.parse_args(argv)
-    if opts.report:
-        report(opts.out or RESULTS, opts.cache)
-        return 0
-    opts.seeds = opts.seeds or ([0] if opts.quick else [0, 1, 2])
-    run_all(opts)
-    return 0
+    return run_or_report(opts, argv, run_all, lambda out: report(out, opts.cache))
 
 
 if __name__ == "__main__":

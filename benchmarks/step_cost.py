@@ -6,8 +6,9 @@ interleaved round-robin over the repeats; the table reports medians and time rat
 Also checks that torchdistill's and hkt-hf's KD losses agree on one batch, breaks each step into phases, and
 measures the exported HKT child's inference latency against the plain child's, and both parameter counts.
 
-    python benchmarks/step_cost.py            # full measurement (a few minutes)
-    python benchmarks/step_cost.py --quick    # smoke run, under 2 minutes
+    python benchmarks/step_cost.py            # full measurement: 15 rounds (a few minutes on a quiet machine)
+    python benchmarks/step_cost.py --quick    # the same measurement with 5 rounds: same ratios, wider spread
+    python benchmarks/step_cost.py --smoke    # batch 16, one round: checks that it runs, its ratios mean nothing
 
 The last printed line is one JSON object (ratios and raw numbers); `--out FILE` also writes it to FILE.
 
@@ -23,60 +24,52 @@ between forward and backward: the bytes of the distinct tensor storages autograd
 (`torch.autograd.graph.saved_tensors_hooks`), parameters excluded. Transient buffers freed within a forward (such as
 a no-grad parent's activations, one layer at a time) are not in it.
 
-`--quick` uses batch 16, 3 step repeats and 10 latency repeats: a quick run of the same code, noisier than the full
-one.
+Every mode but `--smoke` times the same batch of 128 after the same warm-up (`step_timing.WARMUP_ROUNDS`); each
+ratio is the median of per-round ratios, reported with its spread (see `step_timing`).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import sys
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from common import BATCH_SIZE, LR, MOMENTUM, WEIGHT_DECAY, CifarTensors, decoded_split, load_pretrained
+from common import prepare, recipe_args
+from comparison import kd_settings
+import step_timing as timing
 from torch.utils.data import DataLoader
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
-    BATCH_SIZE,
-    LR,
-    MIB,
-    MOMENTUM,
-    WEIGHT_DECAY,
-    Batch,
-    CifarTensors,
-    Step,
-    breakdown_table,
-    decoded_split,
-    emit,
-    load_pretrained,
-    measure,
-    median,
-    missed_targets,
-    parameter_storages,
-    peer_missing,
-    phase_breakdown,
-    prepare,
-    progress,
-    recipe_args,
-    saved_for_backward,
-    trainer_step,
-)
-
-from hkt_hf import HKTTrainer, HKTTrainingArguments  # noqa: E402
-from hkt_hf.data.images import image_collator  # noqa: E402
-from hkt_hf.mixture import GeneticGate  # noqa: E402
+from hkt_hf import HKTTrainer, HKTTrainingArguments
+from hkt_hf.data.images import image_collator
+from hkt_hf.mixture import GeneticGate
 
 KD_TEMPERATURE = 4.0
 METHODS = ("child", "torchdistill_kd", "hkt_kd", "hkt", "reference")
 PEER = "torchdistill_kd"
 TARGETS = {"hkt_over_peer_kd": 1.0, "hkt_kd_over_peer_kd": 1.0}
+RATIOS = {"hkt_over_peer_kd": ("hkt", PEER), "hkt_kd_over_peer_kd": ("hkt_kd", PEER),
+          "hkt_over_reference": ("hkt", "reference"), "hkt_over_child": ("hkt", "child"),
+          **{f"{name}_over_peer_kd": (name, PEER) for name in METHODS if name not in ("hkt", "hkt_kd", PEER)}}
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What a run times: `quick` differs from `full` only in how many rounds, `smoke` also in the shapes."""
+
+    batch_size: int
+    batches: int
+    repeats: int
+    phase_repeats: int
+    latency_repeats: int
+
+
+MODES = {"full": Mode(BATCH_SIZE, 4, 15, 3, 40), "quick": Mode(BATCH_SIZE, 4, 5, 0, 10), "smoke": Mode(16, 2, 1, 1, 2)}
 
 
 def torchdistill_box(child: torch.nn.Module, parent: torch.nn.Module) -> Any:
@@ -84,7 +77,7 @@ def torchdistill_box(child: torch.nn.Module, parent: torch.nn.Module) -> Any:
     try:
         from torchdistill.core.distillation import DistillationBox
     except ImportError as err:
-        raise peer_missing("torchdistill", err) from err
+        raise timing.peer_missing("torchdistill", err) from err
     hooks = {"forward_hook": {"output": ["classifier"]}, "forward_proc": "forward_batch_only"}
     kd = {"student_module_path": "classifier", "student_module_io": "output", "teacher_module_path": "classifier",
           "teacher_module_io": "output", "temperature": KD_TEMPERATURE, "alpha": 1.0, "beta": 1.0,
@@ -102,24 +95,24 @@ def torchdistill_box(child: torch.nn.Module, parent: torch.nn.Module) -> Any:
     return box
 
 
-def box_step(box: Any) -> Step:
+def box_step(box: Any) -> timing.Step:
     """One step as torchdistill's training loop runs it: forward_process, then post_forward_process."""
 
-    def step(batch: Batch) -> None:
+    def step(batch: timing.Batch) -> None:
         loss = box.forward_process(batch["pixel_values"], batch["labels"], {})
         box.post_forward_process(loss=loss)
 
     return step
 
 
-def reference_step(child: torch.nn.Module, parent: torch.nn.Module, lam: float = 0.6) -> Step:
+def reference_step(child: torch.nn.Module, parent: torch.nn.Module, lam: float = 0.6) -> timing.Step:
     """The reference code's step, from the method doc: two child forwards, two parent forwards with the parent in
     train mode and inside autograd (its gradients are computed and thrown away), three cross-entropies."""
     parent.train().requires_grad_(True)
     gate = GeneticGate(lam)
     optimizer = torch.optim.SGD(child.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
-    def step(batch: Batch) -> None:
+    def step(batch: timing.Batch) -> None:
         child.train()
         x, y = batch["pixel_values"], batch["labels"]
         logits = child(pixel_values=x).logits
@@ -152,17 +145,17 @@ class Methods:
         plain = Trainer(fresh(child0), recipe_args(TrainingArguments, out_dir / "child", **common))
         self.box = torchdistill_box(fresh(child0), fresh(parent0))
         self.hkt_kd = HKTTrainer(
-            fresh(child0), recipe_args(HKTTrainingArguments, out_dir / "hkt_kd", **common, hkt_loss_weights=[1, 0, 0],
-                                       hkt_kd_weight=1.0, hkt_kd_temperature=KD_TEMPERATURE),
+            fresh(child0), recipe_args(HKTTrainingArguments, out_dir / "hkt_kd", **common,
+                                       **kd_settings(weight=1.0, temperature=KD_TEMPERATURE)),
             parent_model=fresh(parent0))
         self.hkt = HKTTrainer(fresh(child0), recipe_args(HKTTrainingArguments, out_dir / "hkt", **common),
                               parent_model=fresh(parent0))
         ref_child, ref_parent = fresh(child0), fresh(parent0)
         steps = {
-            "child": trainer_step(plain),
+            "child": timing.trainer_step(plain),
             PEER: box_step(self.box),
-            "hkt_kd": trainer_step(self.hkt_kd),
-            "hkt": trainer_step(self.hkt),
+            "hkt_kd": timing.trainer_step(self.hkt_kd),
+            "hkt": timing.trainer_step(self.hkt),
             "reference": reference_step(ref_child, ref_parent),
         }
         self.steps = {name: with_autocast(step) for name, step in steps.items()} if bf16 else steps
@@ -178,10 +171,10 @@ class Methods:
             "hkt": phases(self.hkt.model, self.hkt.parent_model),
             "reference": phases(ref_child, ref_parent),
         }
-        self.params = parameter_storages(self.hkt.model, self.hkt.parent_model)
+        self.params = timing.parameter_storages(self.hkt.model, self.hkt.parent_model)
 
     @torch.no_grad()
-    def kd_losses(self, batch: Batch) -> dict[str, float]:
+    def kd_losses(self, batch: timing.Batch) -> dict[str, float]:
         """torchdistill's and hkt-hf's KD loss (both CE + T^2 KL, T = 4) on one batch, from identical weights, both
         children in train mode (batch statistics): the two implementations must agree. Printed, not asserted."""
         peer = self.box.forward_process(batch["pixel_values"], batch["labels"], {})
@@ -189,91 +182,101 @@ class Methods:
         return {"torchdistill": peer.item(), "hkt_hf": ours.item()}
 
 
-def with_autocast(step: Step) -> Step:
-    def run(batch: Batch) -> None:
+def with_autocast(step: timing.Step) -> timing.Step:
+    def run(batch: timing.Batch) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             step(batch)
 
     return run
 
 
-def latency(model: torch.nn.Module, batch: Batch) -> Step:
+def latency(model: torch.nn.Module, batch: timing.Batch) -> timing.Step:
     model.eval()
 
-    def run(_: Batch) -> None:
+    def run(_: timing.Batch) -> None:
         with torch.no_grad():
             model(pixel_values=batch["pixel_values"])
 
     return run
 
 
-def run(quick: bool, bf16: bool, threads: int | None) -> dict[str, Any]:
+def run(mode_name: str, bf16: bool, threads: int | None) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    batch_size, n_batches, repeats, warmup, phase_repeats, latency_repeats = (
-        (16, 2, 3, 1, 1, 10) if quick else (BATCH_SIZE, 4, 15, 2, 3, 40)
-    )
-    images, labels = decoded_split("train", rows=n_batches * BATCH_SIZE)
-    loader = DataLoader(CifarTensors(images, labels, train=True), batch_size=batch_size, shuffle=True,
+    mode = MODES[mode_name]
+    images, labels = decoded_split("train", rows=mode.batches * BATCH_SIZE)
+    loader = DataLoader(CifarTensors(images, labels, train=True), batch_size=mode.batch_size, shuffle=True,
                         collate_fn=image_collator())
-    batches = list(loader)
+    batches = list(loader)[:mode.batches]
     with tempfile.TemporaryDirectory(prefix="hkt-step-cost-") as tmp:
         methods = Methods(Path(tmp), bf16)
         kd_check = methods.kd_losses(batches[0])
         print(f"KD loss on one batch: torchdistill {kd_check['torchdistill']:.6f}, hkt-hf {kd_check['hkt_hf']:.6f}")
-        progress(f"warm-up ({warmup} rounds), saved-for-backward, then {repeats} timed rounds")
-        measure(methods.steps, batches, warmup)
-        saved = {name: saved_for_backward(step, batches[0], methods.params)[0] for name, step in methods.steps.items()}
-        times = measure(methods.steps, batches, repeats)
-        progress("phase breakdown")
-        breakdown = phase_breakdown(methods.steps, methods.phases, batches, phase_repeats)
-        progress("export and inference latency")
+        timing.progress(f"warm-up ({timing.WARMUP_ROUNDS} rounds), saved-for-backward, "
+                        f"then {mode.repeats} timed rounds")
+        timing.warm_up(methods.steps, batches)
+        saved = {name: timing.saved_for_backward(step, batches[0], methods.params)[0]
+                 for name, step in methods.steps.items()}
+        times = timing.measure(methods.steps, batches, mode.repeats)
+        timing.progress("phase breakdown" if mode.phase_repeats else "no phase breakdown")
+        breakdown = timing.phase_breakdown(methods.steps, methods.phases, batches, mode.phase_repeats)
+        timing.progress("export and inference latency")
 
         methods.hkt.save_model(str(Path(tmp) / "exported"))
         exported = AutoModelForImageClassification.from_pretrained(str(Path(tmp) / "exported"))
         plain = load_pretrained("resnet20")
         infer = {"plain_child": latency(plain, batches[0]), "exported_child": latency(exported, batches[0])}
-        measure(infer, batches, 2)
-        infer_times = measure(infer, batches, latency_repeats)
+        timing.warm_up(infer, batches)
+        infer_times = timing.measure(infer, batches, mode.latency_repeats)
 
-    step_s = {name: median(t) for name, t in times.items()}
-    infer_s = {name: median(t) for name, t in infer_times.items()}
+    result = timing.ratio_results(times, RATIOS)
+    latency_ratio = timing.ratio_results(infer_times, {"export_latency_ratio": ("exported_child", "plain_child")})
+    result["spread"].update(latency_ratio.pop("spread"))
     return {
-        "hkt_over_peer_kd": step_s["hkt"] / step_s[PEER],
-        "hkt_kd_over_peer_kd": step_s["hkt_kd"] / step_s[PEER],
-        "hkt_over_reference": step_s["hkt"] / step_s["reference"],
-        "hkt_over_child": step_s["hkt"] / step_s["child"],
+        **result,
+        **latency_ratio,
         "saved_hkt_over_peer_kd": saved["hkt"] / saved[PEER],
-        "export_latency_ratio": infer_s["exported_child"] / infer_s["plain_child"],
         "params_exported_child": exported.num_parameters(),
         "params_plain_child": plain.num_parameters(),
         "kd_loss_check": kd_check,
-        "step_s": step_s,
-        "saved_mib": {k: v / MIB for k, v in saved.items()},
+        "step_s": {name: timing.median(t) for name, t in times.items()},
+        "saved_mib": {k: v / timing.MIB for k, v in saved.items()},
         "phases": breakdown,
-        "inference_s": infer_s,
+        "inference_s": {name: timing.median(t) for name, t in infer_times.items()},
         "settings": {
-            "quick": quick, "precision": "bf16 autocast, channels-last" if bf16 else "fp32",
-            "batch_size": batch_size, "memory": "saved-for-backward bytes per step, parameters excluded",
-            "repeats": repeats, "phase_repeats": phase_repeats, "latency_repeats": latency_repeats,
+            "mode": mode_name, **asdict(mode), "warmup_rounds": timing.WARMUP_ROUNDS,
+            "precision": "bf16 autocast, channels-last" if bf16 else "fp32",
+            "memory": "saved-for-backward bytes per step, parameters excluded",
             "threads": torch.get_num_threads(), "child": "resnet20", "parent": "resnet56",
-            "inference": f"fp32, batch {batch_size}, eval, no_grad",
+            "inference": f"fp32, batch {mode.batch_size}, eval, no_grad",
         },
     }
 
 
+def peer_key(name: str) -> str:
+    return next(key for key, (method, against) in RATIOS.items() if method == name and against == PEER)
+
+
 def report(result: dict[str, Any]) -> str:
-    bs = result["settings"]["batch_size"]
-    rows = [f"| method (batch {bs}) | step (s, median) | x torchdistill KD | x child | saved-for-backward MiB |",
-            "|---|---|---|---|---|"]
+    settings = result["settings"]
+    bs = settings["batch_size"]
+    rows = [f"{settings['mode']} run: batch {bs}, {settings['precision']}, {settings['warmup_rounds']} warm-up rounds, "
+            f"{settings['repeats']} timed rounds, {settings['threads']} threads. Ratios: median of the per-round "
+            "ratios (middle half of the rounds, all rounds)."
+            + (" A smoke run: its shapes are not the benchmark's, its ratios mean nothing."
+               if settings["mode"] == "smoke" else ""), "",
+            f"| method (batch {bs}) | step (s, median) | x torchdistill KD | saved-for-backward MiB |",
+            "|---|---|---|---|"]
     for name in METHODS:
-        s = result["step_s"][name]
-        rows.append(f"| {name} | {s:.3f} | {s / result['step_s'][PEER]:.2f} | {s / result['step_s']['child']:.2f} "
-                    f"| {result['saved_mib'][name]:.1f} |")
+        ratio = "1" if name == PEER else timing.spread_text(result["spread"][peer_key(name)])
+        rows.append(f"| {name} | {result['step_s'][name]:.3f} | {ratio} | {result['saved_mib'][name]:.1f} |")
     check = result["kd_loss_check"]
     inf = result["inference_s"]
     rows += [
+        "",
+        f"HKT over the child alone: {timing.spread_text(result['spread']['hkt_over_child'])}; over the reference step: "
+        f"{timing.spread_text(result['spread']['hkt_over_reference'])}.",
         "",
         f"KD loss on one batch (same weights): torchdistill {check['torchdistill']:.6f}, hkt-hf {check['hkt_hf']:.6f}.",
         "",
@@ -281,24 +284,21 @@ def report(result: dict[str, Any]) -> str:
         "|---|---|---|",
         f"| plain child | {inf['plain_child']:.4f} | {result['params_plain_child']:,} |",
         f"| exported HKT child | {inf['exported_child']:.4f} | {result['params_exported_child']:,} |",
+        "",
+        f"Exported over plain latency: {timing.spread_text(result['spread']['export_latency_ratio'])}.",
     ]
-    missed = missed_targets(result, TARGETS)
-    if missed:
-        rows += ["", "Targets missed: " + "; ".join(missed) + ". Where each step's time goes (seconds per step, share; "
-                 "the rest is backward, loss terms, the gate and Python):", "", breakdown_table(result["phases"])]
+    rows += timing.targets_section(result, TARGETS, "the rest is backward, loss terms, the gate and Python")
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats: a smoke run under 2 minutes")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast + channels-last (default fp32, as cifar10.py)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="also write the result to this .json file and its table to the same name with .md")
+    parser = timing.step_cost_parser(__doc__.split("\n\n")[0], "the full run's shapes and warm-up, 5 rounds, not 15",
+                                     "batch 16, one round: checks that it runs (CI)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast + channels-last (default fp32, as cifar10.py)")
     args = parser.parse_args(argv)
-    result = run(args.quick, args.bf16, args.threads)
-    emit(result, "step_cost.py", "Step cost", report(result), args.out, argv)
+    result = run(timing.mode_of(args), args.bf16, args.threads)
+    timing.emit(result, "step_cost.py", "Step cost", report(result), args.out, argv)
     return 0
 
 

@@ -5,9 +5,10 @@ the same fixed-seed random token batches, every method interleaved round-robin o
 medians and time ratios against TRL's `GKDTrainer` step. Both models are randomly initialised: the step's cost does
 not depend on what the weights are.
 
-    python benchmarks/step_cost_lm.py            # full measurement, sequence 256 (see the README for run time)
+    python benchmarks/step_cost_lm.py            # full measurement, sequence 256, 7 rounds (see the README)
+    python benchmarks/step_cost_lm.py --quick    # the same sizes and warm-up, 4 rounds: same ratios, wider spread
     python benchmarks/step_cost_lm.py --seq 512  # the longer sequence, about twice the time
-    python benchmarks/step_cost_lm.py --quick    # smoke run on tiny sizes, about a minute
+    python benchmarks/step_cost_lm.py --smoke    # tiny sizes, one round: checks that it runs, its ratios mean nothing
 
 What runs for each method (all through `training_step` of a transformers `Trainer` subclass, then an SGD step):
 
@@ -25,6 +26,9 @@ What runs for each method (all through `training_step` of a transformers `Traine
   `lm_head:input=lm_head:input` (hidden 256 -> 128 through a trained aligner).
 - `hkt_layer`: the same with a decoder-layer carrier, `model.layers.5=model.layers.1` (last layer of each).
 
+Every mode but `--smoke` times the full sizes after the same warm-up (`step_timing.WARMUP_ROUNDS`); each ratio is
+the median of per-round ratios, reported with its spread (see `step_timing`).
+
 If an hkt-hf method fails on its first step, its error is recorded in the output (`errors`) and the others go on.
 Memory: the bytes of the distinct non-parameter storages autograd saves for backward during one step, and how many of
 them are vocabulary-sized (saved as a tensor whose last dimension is the vocabulary).
@@ -34,41 +38,22 @@ The last printed line is one JSON object (ratios and raw numbers); `--out FILE` 
 
 from __future__ import annotations
 
-import argparse
 import copy
-import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import step_timing as timing
 import torch
+from common import recipe_args
+from comparison import kd_settings
 from datasets import Dataset
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 from transformers.data.data_collator import default_data_collator
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
-    MIB,
-    Batch,
-    Step,
-    breakdown_table,
-    emit,
-    measure,
-    median,
-    missed_targets,
-    parameter_storages,
-    peer_missing,
-    phase_breakdown,
-    progress,
-    recipe_args,
-    saved_for_backward,
-    trainer_step,
-)
-
-from hkt_hf import HKTTrainer, HKTTrainingArguments  # noqa: E402
+from hkt_hf import HKTTrainer, HKTTrainingArguments
 
 PEER = "gkd"
 HKT_METHODS = ("hkt_kd", "hkt_lm_head", "hkt_layer")
@@ -95,8 +80,12 @@ class Sizes:
 
 FULL = Sizes(vocab=32_000, seq=256, batch=4, parent_layers=6, parent_hidden=256, child_layers=2, child_hidden=128,
              repeats=7, phase_repeats=2)
-QUICK = Sizes(vocab=2_000, seq=64, batch=4, parent_layers=6, parent_hidden=64, child_layers=2, child_hidden=32,
-              repeats=3, phase_repeats=1)
+MODES = {
+    "full": FULL,
+    "quick": replace(FULL, repeats=4, phase_repeats=0),  # what the full run measures, in fewer rounds
+    "smoke": Sizes(vocab=2_000, seq=64, batch=4, parent_layers=6, parent_hidden=64, child_layers=2, child_hidden=32,
+                   repeats=1, phase_repeats=1),
+}
 
 
 def llama(layers: int, hidden: int, sizes: Sizes) -> LlamaForCausalLM:
@@ -118,7 +107,7 @@ def stand_in_tokenizer() -> PreTrainedTokenizerFast:
                                    pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def token_batches(sizes: Sizes, count: int) -> list[Batch]:
+def token_batches(sizes: Sizes, count: int) -> list[timing.Batch]:
     """Fixed-seed random tokens (ids 3.. so none is pad or eos), every position trained on."""
     generator = torch.Generator().manual_seed(0)
     batches = []
@@ -128,7 +117,7 @@ def token_batches(sizes: Sizes, count: int) -> list[Batch]:
     return batches
 
 
-def as_prompt_completion(batch: Batch) -> Batch:
+def as_prompt_completion(batch: timing.Batch) -> timing.Batch:
     """The batch in DistillationTrainer's layout: a one-token prompt, the rest as completion (the same next-token
     positions GKD trains on)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -136,7 +125,7 @@ def as_prompt_completion(batch: Batch) -> Batch:
             "completion_mask": mask[:, 1:]}
 
 
-def peer_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Sizes, batch: Batch
+def peer_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Sizes, batch: timing.Batch
                   ) -> dict[str, Trainer]:
     """GKD and the chunked DistillationTrainer on copies of the models. SFTTrainer (GKD's base) insists on a
     training set: it gets the rows of `batch`, never read since steps are driven directly."""
@@ -144,12 +133,12 @@ def peer_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Siz
         from trl import DistillationConfig, DistillationTrainer
         from trl.experimental.gkd import GKDConfig, GKDTrainer
     except ImportError as err:
-        raise peer_missing("trl", err) from err
+        raise timing.peer_missing("trl", err) from err
 
     class NoGenerationDistillation(DistillationTrainer):
         """DistillationTrainer on given completions: the plain Trainer input preparation instead of generation."""
 
-        def _prepare_inputs(self, inputs: Batch) -> Batch:
+        def _prepare_inputs(self, inputs: timing.Batch) -> timing.Batch:
             return Trainer._prepare_inputs(self, inputs)
 
     tokenizer = stand_in_tokenizer()
@@ -170,8 +159,7 @@ def peer_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Siz
 def hkt_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Sizes) -> dict[str, HKTTrainer]:
     layer_carrier = f"model.layers.{sizes.parent_layers - 1}=model.layers.{sizes.child_layers - 1}"
     settings = {
-        "hkt_kd": dict(hkt_carriers=[LM_HEAD_CARRIER], hkt_loss_weights=[1, 0, 0], hkt_kd_weight=1.0,
-                       hkt_kd_temperature=1.0),
+        "hkt_kd": dict(hkt_carriers=[LM_HEAD_CARRIER], **kd_settings(weight=1.0, temperature=1.0)),
         "hkt_lm_head": dict(hkt_carriers=[LM_HEAD_CARRIER]),
         "hkt_layer": dict(hkt_carriers=[layer_carrier]),
     }
@@ -190,7 +178,7 @@ def lm_phases(child: nn.Module, parent: nn.Module) -> dict[str, list[nn.Module]]
             "head replay": [child.lm_head, parent.lm_head]}
 
 
-def first_steps(steps: dict[str, Step], batch: Batch) -> dict[str, str]:
+def first_steps(steps: dict[str, timing.Step], batch: timing.Batch) -> dict[str, str]:
     """Run every method once (a warm-up); an hkt-hf method that fails is dropped and its error returned, so the
     others are still measured. A peer's failure is not caught."""
     errors = {}
@@ -219,7 +207,7 @@ def run(sizes: Sizes, threads: int | None) -> dict[str, Any]:
         peers = peer_trainers(child0, parent0, Path(tmp), sizes, batches[0])
         ours = hkt_trainers(child0, parent0, Path(tmp), sizes)
         trainers: dict[str, Trainer] = {"child": plain, **peers, **ours}
-        steps = {name: trainer_step(trainer) for name, trainer in trainers.items()}
+        steps = {name: timing.trainer_step(trainer) for name, trainer in trainers.items()}
         chunked_step = steps["chunked"]
         steps["chunked"] = lambda batch: chunked_step(as_prompt_completion(batch))
         parents = {name: getattr(t, "teacher_model", None) or getattr(t, "parent_model", None)
@@ -227,27 +215,29 @@ def run(sizes: Sizes, threads: int | None) -> dict[str, Any]:
         phases = {name: lm_phases(t.model, parents[name]) if parents[name] is not None
                   else {"child forward": [t.model, t.model.model]} for name, t in trainers.items()}
 
-        progress(f"first step of each method, saved-for-backward, then {sizes.repeats} timed rounds")
+        timing.progress(f"first step of each method, {timing.WARMUP_ROUNDS} warm-up rounds, saved-for-backward, "
+                 f"then {sizes.repeats} timed rounds")
         errors = first_steps(steps, batches[0])
-        params = parameter_storages(*(t.model for t in trainers.values()), *filter(None, parents.values()))
-        saved = {name: saved_for_backward(step, batches[0], params, last_dim=sizes.vocab)
+        timing.warm_up(steps, batches)
+        params = timing.parameter_storages(*(t.model for t in trainers.values()), *filter(None, parents.values()))
+        saved = {name: timing.saved_for_backward(step, batches[0], params, last_dim=sizes.vocab)
                  for name, step in steps.items()}
-        times = measure(steps, batches, sizes.repeats)
-        progress("phase breakdown")
-        breakdown = phase_breakdown(steps, phases, batches, sizes.phase_repeats)
+        times = timing.measure(steps, batches, sizes.repeats)
+        timing.progress("phase breakdown" if sizes.phase_repeats else "no phase breakdown")
+        breakdown = timing.phase_breakdown(steps, phases, batches, sizes.phase_repeats)
 
-    step_s = {name: median(t) for name, t in times.items()}
-    ratio = lambda name: step_s[name] / step_s[PEER] if name in step_s else None  # noqa: E731
-    result: dict[str, Any] = {key: ratio(name) for key, name in RATIO_KEYS.items()}
+    step_s = {name: timing.median(t) for name, t in times.items()}
+    result = timing.ratio_results(times, {key: (name, PEER) for key, name in RATIO_KEYS.items()})
     hkt_saved = saved.get("hkt_lm_head")
     result["saved_mib_hkt_lm_over_peer"] = hkt_saved[0] / saved[PEER][0] if hkt_saved else None
     result.update({
         "step_s": step_s,
-        "saved_mib": {name: b / MIB for name, (b, _) in saved.items()},
+        "saved_mib": {name: b / timing.MIB for name, (b, _) in saved.items()},
         "saved_vocab_tensors": {name: n for name, (_, n) in saved.items()},
         "phases": breakdown,
         "errors": errors,
-        "settings": {**asdict(sizes), "threads": torch.get_num_threads(), "precision": "fp32",
+        "settings": {**asdict(sizes), "warmup_rounds": timing.WARMUP_ROUNDS, "threads": torch.get_num_threads(),
+                     "precision": "fp32",
                      "memory": "saved-for-backward bytes per step, parameters excluded",
                      "data": "fixed-seed random tokens, every position trained on"},
     })
@@ -259,20 +249,23 @@ def report(result: dict[str, Any]) -> str:
     shape = f"batch {s['batch']} x seq {s['seq']} x vocab {s['vocab']:,}"
     rows = [
         f"Parent {s['parent_layers']} x {s['parent_hidden']}, child {s['child_layers']} x {s['child_hidden']}, "
-        f"{shape}, fp32, {s['repeats']} interleaved repeats, {s['threads']} threads.",
+        f"{shape}, fp32, {s['warmup_rounds']} warm-up rounds, {s['repeats']} timed interleaved rounds, {s['threads']} "
+        "threads. Time ratios: median of the per-round ratios (middle half of the rounds, all rounds)."
+        + (" A smoke run: its sizes are not the benchmark's, its ratios mean nothing." if s["mode"] == "smoke" else ""),
         "",
         "| method | step (s, median) | x GKD | saved-for-backward MiB | x GKD | vocab-sized tensors saved |",
         "|---|---|---|---|---|---|",
     ]
-    peer_s, peer_mib = result["step_s"][PEER], result["saved_mib"][PEER]
+    peer_mib = result["saved_mib"][PEER]
+    ratio_key = {name: key for key, name in RATIO_KEYS.items()}
     for name in METHODS:
         if name in result["errors"]:
             rows.append(f"| {name} | failed: {result['errors'][name]} | | | | |")
             continue
         t, mib = result["step_s"][name], result["saved_mib"][name]
-        rows.append(f"| {name} | {t:.3f} | {t / peer_s:.2f} | {mib:.1f} | {mib / peer_mib:.2f} | "
+        ratio = timing.spread_text(result["spread"][ratio_key[name]]) if name in ratio_key else "1"
+        rows.append(f"| {name} | {t:.3f} | {ratio} | {mib:.1f} | {mib / peer_mib:.2f} | "
                     f"{result['saved_vocab_tensors'][name]} |")
-    missed = missed_targets(result, TARGETS)
     if "hkt_kd" in result["saved_mib"]:
         rows += ["", "With LM-head carriers (`hkt_lm_head`, and `hkt_kd`, whose carrier is the head's input too) the "
                  "child's own cross-entropy is computed from its head replayed on the head's input in chunks (checked "
@@ -280,30 +273,27 @@ def report(result: dict[str, Any]) -> str:
                  "[positions, vocabulary] log-probabilities for backward; the replayed heads keep their gradients "
                  "(computed in forward), and KD keeps only its gradient, one logits-sized tensor. The price is one "
                  "more head projection per step: the child's forward still computes its logits."]
-    if missed:
-        rows += ["", "Targets missed: " + "; ".join(missed) + ". Where each step's time goes (seconds per step, share; "
-                 "TRL's chunked projection and the rest of backward, loss terms, gates and Python are in the last "
-                 "column; TRL runs `chunked`'s whole loss, teacher backbone included, inside the student's forward "
-                 "(`_forward_redirection`), so there it all counts as child forward):", "",
-                 breakdown_table(result["phases"])]
+    rows += timing.targets_section(
+        result, TARGETS, "TRL's chunked projection and the rest of backward, loss terms, gates and Python are in the "
+        "last column; TRL runs `chunked`'s whole loss, teacher backbone included, inside the student's forward "
+        "(`_forward_redirection`), so there it all counts as child forward")
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke run")
+    parser = timing.step_cost_parser(__doc__.split("\n\n")[0], "the full sizes and warm-up, fewer rounds",
+                                     "tiny sizes, one round: checks that it runs (CI)")
     for field, value in asdict(FULL).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=None,
-                            help=f"default {value} (quick: {getattr(QUICK, field)})")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="also write the result to this .json file and its table to the same name with .md")
+                            help=f"default {value} (quick: {getattr(MODES['quick'], field)}, "
+                                 f"smoke: {getattr(MODES['smoke'], field)})")
     args = parser.parse_args(argv)
-    base = QUICK if args.quick else FULL
-    sizes = Sizes(**{f: getattr(args, f) if getattr(args, f) is not None else v for f, v in asdict(base).items()})
+    mode = timing.mode_of(args)
+    sizes = Sizes(**{f: getattr(args, f) if getattr(args, f) is not None else v
+                     for f, v in asdict(MODES[mode]).items()})
     result = run(sizes, args.threads)
-    result["settings"]["quick"] = args.quick
-    emit(result, "step_cost_lm.py", "Step cost, language model", report(result), args.out, argv)
+    result["settings"]["mode"] = mode
+    timing.emit(result, "step_cost_lm.py", "Step cost, language model", report(result), args.out, argv)
     return 0
 
 

@@ -22,7 +22,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lm_task import (
+# The task (corpus, tokenizer, blocks, models, cached parent) is defined once, by the language-model benchmark.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from lm_task import (  # noqa: E402
     DATA_DIR,
     FULL_SIZES,
     HEAD_CARRIER,
@@ -33,7 +35,7 @@ from lm_task import (
     perplexity,
     prepare,
 )
-from transformers import (
+from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
     HfArgumentParser,
@@ -42,7 +44,7 @@ from transformers import (
     default_data_collator,
 )
 
-from hkt_hf import HKTTrainer, HKTTrainingArguments
+from hkt_hf import HKTTrainer, HKTTrainingArguments  # noqa: E402
 
 QUICK = LMSizes(vocab_size=500, block_size=64, parent_layers=2, parent_hidden=64, parent_heads=2, parent_steps=30,
                 batch_size=16, lr=3e-3, train_rows=100, eval_rows=3)

@@ -13,8 +13,8 @@ and reproducible. It is a synthetic motion of real photographs, not Sintel or KI
 dataset (Hub id or local parquet folder) as the source of the photographs.
 
 The parent (RAFT, no pretrained weights offline) is first trained on the same task (cached under `--output_dir`,
-keyed by its settings), then frozen. Finished child runs are logged in `<output_dir>/runs.json` as they end; a
-re-run with the same settings resumes after the last finished run.
+keyed by its settings), then frozen. Finished child runs are logged in `<output_dir>/runs.jsonl` as they end; a
+re-run with the same settings skips them.
 
     python examples/optical_flow.py --quick                  # CI smoke run, about 1 minute on 2 cores
     python examples/optical_flow.py --json benchmarks/results/optical_flow.json
@@ -25,11 +25,11 @@ The last line printed is one JSON object with every metric.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from comparison import KDTrainer, cached_parent, last_gate_logs, run_all, write_result
 from transformers import Trainer, TrainingArguments, set_seed
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments
@@ -37,6 +37,11 @@ from hkt_hf.data.images import CIFAR10_HUB_ID, load_image_dataset
 from hkt_hf.data.optical_flow import KnownWarpFlow
 from hkt_hf.metrics import evaluate_flow
 from hkt_hf.models import RaftConfig, RaftForOpticalFlow
+
+# The comparison harness (resumable run log, KD baseline settings, cached parent) is the benchmarks' own.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from comparison import cached_parent, comparison_parser, kd_settings, last_gate_logs  # noqa: E402
+from comparison import parse_comparison_args, run_all, write_result  # noqa: E402
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 CARRIERS = {
@@ -50,31 +55,18 @@ QUICK = dict(train_pairs=8, eval_pairs=4, parent_steps=2, steps=2, batch_size=2,
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="Tiny smoke run (CI): few pairs, few steps, one seed.")
-    p.add_argument("--output_dir", default="runs/optical_flow", help="Runs, the run log and the cached parent.")
-    p.add_argument("--json", help="Also write the final metrics to this JSON file.")
+    p = comparison_parser(__doc__.split("\n\n")[0], "runs/optical_flow",
+                          "Tiny smoke run (CI): few pairs, few steps, one seed.", batch_size=4, lr=4e-4,
+                          logging_steps=25)
     p.add_argument("--images", help=f"Source photographs (default: shared CIFAR-10, else {CIFAR10_HUB_ID}).")
     p.add_argument("--size", type=int, default=128, help="Frame side in pixels (multiple of 8, >= 128).")
     p.add_argument("--train_pairs", type=int, default=4000)
     p.add_argument("--eval_pairs", type=int, default=200)
-    p.add_argument("--data_seed", type=int, default=1234, help="Seed of the pairs (eval pairs use data_seed + 1).")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="Child seeds: initialisation and data order.")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--iters", type=int, default=8, help="RAFT flow updates per forward, training and evaluation.")
     p.add_argument("--parent_steps", type=int, default=1000)
     p.add_argument("--steps", type=int, default=400, help="Optimiser steps of every child run.")
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--logging_steps", type=int, default=25, help="Steps between training logs (and gate statistics).")
-    p.add_argument("--gate", default="genetic")
-    p.add_argument("--kd_weight", type=float, default=1.0, help="Weight of the L1 KD term of the 'kd' baseline.")
-    args = p.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    return args
+    return parse_comparison_args(p, argv, QUICK)
 
 
 def load_data(args: argparse.Namespace) -> tuple[KnownWarpFlow, KnownWarpFlow]:
@@ -118,11 +110,10 @@ def run_child(args: argparse.Namespace, method: str, seed: int, parent: RaftForO
     start = time.perf_counter()
     if method == "alone":
         trainer = Trainer(child, TrainingArguments(**kwargs), train_dataset=train)
-    elif method == "kd":
-        trainer = KDTrainer(child, TrainingArguments(**kwargs), train_dataset=train, teacher=parent,
-                            kd_weight=args.kd_weight, kind="l1")
     else:
-        hkt_args = HKTTrainingArguments(**kwargs, hkt_carriers=CARRIERS[method], hkt_gate=args.gate)
+        # The KD baseline (L1 between the two final flows) needs carriers only to build; it trains none of them.
+        hkt = kd_settings(args.kd_weight, loss="l1") if method == "kd" else dict(hkt_gate=args.gate)
+        hkt_args = HKTTrainingArguments(**kwargs, hkt_carriers=CARRIERS.get(method, CARRIERS["hkt-2"]), **hkt)
         trainer = HKTTrainer(child, hkt_args, train_dataset=train, parent_model=parent)
     trainer.train()
     result = {"method": method, "seed": seed, "train_seconds": round(time.perf_counter() - start, 1)}

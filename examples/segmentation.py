@@ -23,11 +23,11 @@ The last line prints one JSON object with every metric.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from comparison import KDTrainer, cached_parent, last_gate_logs, run_all, write_result
 from transformers import (
     SegformerConfig,
     SegformerForSemanticSegmentation,
@@ -41,6 +41,11 @@ from hkt_hf import HKTTrainer, HKTTrainingArguments
 from hkt_hf.data.images import CIFAR10_HUB_ID, load_image_dataset, strided_subset
 from hkt_hf.data.segmentation import make_pasted_segmentation, prepare_segmentation_dataset
 from hkt_hf.metrics import evaluate_segmentation
+
+# The comparison harness (resumable run log, KD baseline settings, cached parent) is the benchmarks' own.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from comparison import cached_parent, comparison_parser, kd_settings, last_gate_logs  # noqa: E402
+from comparison import parse_comparison_args, run_all, write_result  # noqa: E402
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 PASTED_LABELS = 11  # background + 10 CIFAR classes
@@ -58,11 +63,9 @@ QUICK = dict(train_scenes=128, eval_scenes=64, parent_epochs=2, epochs=1, seeds=
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="Tiny smoke run (CI): few scenes, few epochs, one seed.")
-    p.add_argument("--output_dir", default="runs/segmentation", help="Runs and the cached parent go here.")
-    p.add_argument("--json", help="Also write the final metrics to this JSON file.")
+    p = comparison_parser(__doc__.split("\n\n")[0], "runs/segmentation",
+                          "Tiny smoke run (CI): few scenes, few epochs, one seed.", batch_size=32, lr=2e-3,
+                          logging_steps=10)
     p.add_argument("--dataset", help="Hub id or local parquet folder of a segmentation dataset (default: pasted).")
     p.add_argument("--train_split", default="train")
     p.add_argument("--eval_split", default="validation")
@@ -72,21 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--train_scenes", type=int, default=1024, help="Training scenes (or rows of --dataset).")
     p.add_argument("--eval_scenes", type=int, default=256, help="Evaluation scenes (or rows of --dataset).")
-    p.add_argument("--data_seed", type=int, default=1234, help="Seed of the pasted scenes.")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="Child seeds: initialisation and data order.")
     p.add_argument("--parent_epochs", type=float, default=10)
     p.add_argument("--epochs", type=float, default=8, help="Epochs of every child run.")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--logging_steps", type=int, default=10, help="Steps between training logs (and gate statistics).")
     p.add_argument("--carriers", nargs="+", default=CARRIERS, help="HKT carrier pairs 'parent.module=child.module'.")
-    p.add_argument("--gate", default="genetic")
-    p.add_argument("--kd_weight", type=float, default=1.0)
     p.add_argument("--kd_temperature", type=float, default=2.0)
-    args = p.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
+    args = parse_comparison_args(p, argv, QUICK)
     if args.dataset and args.num_labels is None:
         p.error("--dataset needs --num_labels (the number of classes in its masks).")
     return args
@@ -152,11 +145,9 @@ def run_child(args, method: str, seed: int, parent, train, test, num_labels: int
     start = time.perf_counter()
     if method == "alone":
         trainer = Trainer(child, TrainingArguments(**kwargs), train_dataset=train)
-    elif method == "kd":
-        trainer = KDTrainer(child, TrainingArguments(**kwargs), train_dataset=train, teacher=parent,
-                            kd_weight=args.kd_weight, temperature=args.kd_temperature)
     else:
-        hkt_args = HKTTrainingArguments(**kwargs, hkt_carriers=args.carriers, hkt_gate=args.gate)
+        hkt = kd_settings(args.kd_weight, args.kd_temperature) if method == "kd" else dict(hkt_gate=args.gate)
+        hkt_args = HKTTrainingArguments(**kwargs, hkt_carriers=args.carriers, **hkt)
         trainer = HKTTrainer(child, hkt_args, train_dataset=train, parent_model=parent)
     trainer.train()
     result = {"method": method, "seed": seed, "train_seconds": round(time.perf_counter() - start, 1)}

@@ -1,16 +1,24 @@
-"""Smoke tests of the benchmarks: the CIFAR-10 scripts' `--quick` runs end to end on the real shared data, the
-language-model step cost on its smallest sizes, and the tensor pipeline they train on matches the package's image
-processor. Timing ratios are only checked to be positive finite numbers (noisy CPU), never compared to a target.
-The step-cost scripts compare against peer libraries (the `bench` extra, part of `dev`); without them those tests
-are skipped.
+"""Tests of the benchmark harness and smoke tests of the benchmarks.
+
+The harness (`benchmarks/harness.py`): the results log resumes (a finished run is never run again), refuses a log of
+another recipe, holds relative paths only (and so do the committed results), and records the commit of every run.
+The step-cost scripts' `--quick` mode times what the full run times. The benchmarks and examples import nothing they
+should not. Then the CIFAR-10 scripts end to end on the real shared data (`--quick`), the step-cost scripts on their
+`--smoke` sizes, and the tensor pipeline they train on against the package's image processor. Timing ratios are only
+checked to be positive finite numbers (noisy CPU), never compared to a target. The step-cost scripts compare against
+peer libraries (the `bench` extra, part of `dev`); without them those tests are skipped.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import re
 import subprocess
 import sys
+from argparse import Namespace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +26,16 @@ import pytest
 import torch
 from PIL import Image
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import comparison  # noqa: E402
+import harness  # noqa: E402
 from common import CifarTensors, normalise  # noqa: E402
 from helpers import needs_shared, one_torch_thread  # noqa: E402
 
+import hkt_hf  # noqa: E402
 from hkt_hf.models import cifar_image_processor  # noqa: E402
 
 
@@ -31,6 +43,229 @@ def run_script(*args: str) -> str:
     proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
+
+
+# ---- the results log ------------------------------------------------------------------------------------------
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_a_rerun_skips_the_finished_runs_and_runs_the_rest(tmp_path):
+    """Through the loop the comparisons use: an interrupted comparison resumes after its last finished run."""
+    calls = []
+
+    def run(method: str, seed: int) -> dict:
+        calls.append((method, seed))
+        if (method, seed) == ("hkt", 1) and len(calls) < 5:
+            raise KeyboardInterrupt  # interrupted in the middle of the fourth run
+        return {"method": method, "seed": seed, "score": 10.0 * seed + len(method)}
+
+    args = Namespace(output_dir=str(tmp_path), seeds=[0, 1], json=None, lr=0.1)
+    with pytest.raises(KeyboardInterrupt):
+        comparison.run_all(args, ["kd", "hkt"], run)
+    assert calls == [("kd", 0), ("hkt", 0), ("kd", 1), ("hkt", 1)]
+    lines = (tmp_path / "runs.jsonl").read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in lines] == ["recipe", "run", "run", "run"]
+
+    runs = comparison.run_all(args, ["kd", "hkt"], run)
+    assert calls[4:] == [("hkt", 1)]  # only the unfinished run ran again
+    assert [(r["method"], r["seed"]) for r in runs] == [("kd", 0), ("hkt", 0), ("kd", 1), ("hkt", 1)]
+    assert comparison.run_all(args, ["kd", "hkt"], run) == runs and len(calls) == 5  # all finished: nothing runs
+    log = harness.RunLog.read(tmp_path / "runs.jsonl")
+    assert sorted(log.runs) == ["hkt/seed0", "hkt/seed1", "kd/seed0", "kd/seed1"]
+    assert log.runs["kd/seed1"]["score"] == 12.0
+
+
+def test_a_run_whose_line_was_cut_short_counts_as_unfinished(tmp_path):
+    path = tmp_path / "b.jsonl"
+    log = harness.RunLog.open(path, {"steps": 1})
+    log.add_run("kd/seed0", method="kd", seed=0, score=1.0)
+    with path.open("a") as f:
+        f.write('{"kind": "run", "id": "hkt/seed0", "sco')  # killed while appending
+    again = harness.RunLog.open(path, {"steps": 1})
+    assert again.finished("kd/seed0") and not again.finished("hkt/seed0")
+    again.add_run("hkt/seed0", method="hkt", seed=0, score=2.0)
+    assert harness.RunLog.read(path).runs["hkt/seed0"]["score"] == 2.0
+    path.write_text(path.read_text().replace('"kd/seed0"', '"kd/seed0', 1))  # a bad line in the middle: an error
+    with pytest.raises(SystemExit, match=r"b\.jsonl:2 is not JSON"):
+        harness.RunLog.read(path)
+
+
+def test_a_log_of_another_recipe_is_refused_not_mixed(tmp_path):
+    path = tmp_path / "bench.jsonl"
+    log = harness.RunLog.open(path, {"steps": 10})
+    log.add_run("child/seed0", method="child", seed=0, score=1.0)
+    with pytest.raises(SystemExit, match=r"bench\.jsonl holds runs of another recipe"):
+        harness.RunLog.open(path, {"steps": 20})
+    assert harness.RunLog.open(path, {"steps": 10}).finished("child/seed0")
+    (tmp_path / "other.jsonl").write_text('{"kind": "run", "id": "x"}\n')
+    with pytest.raises(SystemExit, match="does not start with a recipe line"):
+        harness.RunLog.read(tmp_path / "other.jsonl")
+
+
+def test_references_and_commands_are_updated_by_later_lines(tmp_path):
+    log = harness.RunLog.open(tmp_path / "b.jsonl", {"steps": 1})
+    log.set_reference("parent", {"accuracy": 1.0})
+    log.set_reference("parent", {"accuracy": 1.0})  # unchanged: no new line
+    log.set_reference("parent", {"accuracy": 2.0})
+    finish = log.start_command("benchmarks/b.py", ["--steps", "1"])
+    finish()
+    again = harness.RunLog.read(tmp_path / "b.jsonl")
+    assert again.reference == {"parent": {"accuracy": 2.0}}
+    (command,) = again.commands.values()
+    assert command["argv"] == "python benchmarks/b.py --steps 1" and command["wall_s"] >= 0
+    assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 1 + 2 + 2
+    assert "benchmarks/b.py --steps 1" in harness.commands_line(again.commands.values())
+
+
+@pytest.mark.parametrize("line", [
+    {"folder": "/tmp/runs/hkt"},
+    {"nested": {"paths": ["ok/relative", "/work/main/benchmarks/.cache"]}},
+    {"argv": "python benchmarks/cifar10.py --out /tmp/q"},
+    {"argv": "python benchmarks/cifar10.py --out=/tmp/q"},
+    {"text": "written to `/home/user/out`."},
+])
+def test_the_log_refuses_absolute_paths(tmp_path, line):
+    log = harness.RunLog.open(tmp_path / "b.jsonl", {"steps": 1})
+    with pytest.raises(ValueError, match="relative paths only"):
+        log.add_run("child/seed0", method="child", seed=0, **line)
+    assert not log.finished("child/seed0") and "child" not in (tmp_path / "b.jsonl").read_text()
+
+
+def test_paths_are_stored_relative_and_resolve_back(tmp_path):
+    log = harness.RunLog.open(tmp_path / "results" / "b.jsonl", {"steps": 1})
+    run_dir = tmp_path / "cache" / "runs" / "hkt" / "seed0"
+    stored = log.relative(run_dir)
+    assert stored == "../cache/runs/hkt/seed0" and log.resolve(stored) == run_dir.resolve()
+    assert harness.relative(REPO / "benchmarks" / "results") == "benchmarks/results"
+    argv = harness.relative_argv(["--out", str(REPO / "x"), f"--cache={REPO / 'y'}", "--seeds", "0"])
+    assert argv == ["--out", "x", "--cache=y", "--seeds", "0"]
+    log.start_command("benchmarks/b.py", ["--out", str(tmp_path / "results")])
+    assert not harness.absolute_paths(harness.RunLog.read(log.path).commands)
+
+
+def committed_results() -> list[Path]:
+    return sorted(p for folder in (BENCHMARKS / "results", REPO / "model_cards") for p in folder.rglob("*")
+                  if p.is_file() and p.suffix in (".json", ".jsonl", ".md", ".log", ".txt"))
+
+
+def test_committed_results_hold_relative_paths_only():
+    """Every results file, whatever wrote it: no path of the machine it ran on."""
+    assert committed_results()
+    found = {}
+    for path in committed_results():
+        text = path.read_text()
+        hits = (harness.absolute_paths([json.loads(line) for line in text.splitlines() if line.strip()])
+                if path.suffix == ".jsonl" else harness.absolute_paths(json.loads(text)) if path.suffix == ".json"
+                else re.findall(r"(?<![\w.~])/(?:work|tmp|home|root|Users|private|var)/\S*", text))
+        if hits:
+            found[str(path.relative_to(REPO))] = hits[:3]
+    assert not found, found
+
+
+def make_repo(path: Path) -> Path:
+    path.mkdir()
+    git(path, "init", "-q")
+    git(path, "config", "user.email", "t@example.com")
+    git(path, "config", "user.name", "t")
+    for name in ("code.py", "benchmarks/results/table.md", "model_cards/card.md"):
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text("v1\n")
+    git(path, "add", ".")
+    git(path, "commit", "-qm", "one")
+    return path
+
+
+def test_provenance_is_the_commit_and_whether_the_code_differs_from_it(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    head = git(repo, "rev-parse", "HEAD")
+    assert harness.provenance(repo) == {"commit": head, "dirty": False}
+    (repo / "benchmarks/results/table.md").write_text("v2\n")  # what the benchmarks write themselves
+    (repo / "model_cards/card.md").write_text("v2\n")
+    (repo / "new_untracked.py").write_text("x\n")
+    assert harness.provenance(repo) == {"commit": head, "dirty": False}
+    (repo / "code.py").write_text("v2\n")
+    assert harness.provenance(repo) == {"commit": head, "dirty": True}
+    assert harness.provenance(tmp_path) == {"commit": None, "dirty": None}  # not a checkout
+
+
+def test_every_run_and_command_records_the_commit(tmp_path):
+    expected = harness.provenance()
+    assert re.fullmatch(r"[0-9a-f]{40}", expected["commit"])
+    log = harness.RunLog.open(tmp_path / "b.jsonl", {"steps": 1})
+    log.start_command("benchmarks/b.py", [])
+    log.add_run("kd/seed0", method="kd", seed=0, score=1.0)
+    lines = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert [line["kind"] for line in lines] == ["recipe", "command", "run"]
+    for line in lines:
+        assert (line["commit"], line["dirty"]) == (expected["commit"], expected["dirty"])
+    assert log.runs["kd/seed0"]["finished"]
+
+
+# ---- what the benchmarks and examples import --------------------------------------------------------------------
+
+
+def imports(path: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules.add(node.module)
+        elif isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+    return modules
+
+
+def method_modules() -> set[str]:
+    """The method's modules, as docs/architecture.md lists them (its "The method" table)."""
+    doc = (REPO / "docs" / "architecture.md").read_text()
+    section = doc.split("## The method", 1)[1].split("\n## ", 1)[0]
+    return {name for name in re.findall(r"^\| `(\w+)\.py`", section, re.M)}
+
+
+def test_benchmarks_import_nothing_from_examples():
+    examples = {p.stem for p in (REPO / "examples").glob("*.py")}
+    for path in BENCHMARKS.glob("*.py"):
+        assert not re.search(r"""["']examples["']""", path.read_text()), f"{path} puts examples/ on a path"
+        assert not imports(path) & examples, path
+
+
+def test_examples_use_only_the_public_api_of_the_method():
+    """An example may import `hkt_hf`'s public names and its applications, never a module of the method itself
+    (except the public `hkt_hf.hub`)."""
+    internal = {f"hkt_hf.{m}" for m in method_modules() - set(hkt_hf.__all__)}
+    assert "hkt_hf.objective" in internal and "hkt_hf.losses" in internal
+    for path in sorted((REPO / "examples").rglob("*.py")):
+        used = {m for m in imports(path) if m.split(".")[:2] and ".".join(m.split(".")[:2]) in internal}
+        assert not used, f"{path.relative_to(REPO)} imports the method's internals {used}"
+
+
+# ---- step cost: quick measures what full measures ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", ["step_cost", "step_cost_lm"])
+def test_quick_step_cost_times_the_full_shapes_with_fewer_rounds(script):
+    """What made quick runs disagree with full ones: other shapes (batch 16; a 2,000-token vocabulary) and fewer
+    warm-up steps. Now only the number of rounds differs (the warm-up is one constant for every mode)."""
+    modes = {name: asdict(mode) for name, mode in __import__(script).MODES.items()}
+    shapes = lambda mode: {k: v for k, v in mode.items() if "repeats" not in k}  # noqa: E731
+    assert shapes(modes["quick"]) == shapes(modes["full"]) and shapes(modes["smoke"]) != shapes(modes["full"])
+    assert 3 <= modes["quick"]["repeats"] < modes["full"]["repeats"]
+
+
+def test_ratios_are_paired_round_by_round_with_their_spread():
+    import step_timing
+
+    times = {"peer": [1.0, 2.0, 1.0, 4.0], "hkt": [1.1, 2.2, 0.9, 4.4]}  # the load doubles in some rounds
+    result = step_timing.ratio_results(times, {"hkt_over_peer": ("hkt", "peer"), "missing": ("gone", "peer")})
+    assert result["hkt_over_peer"] == pytest.approx(1.1) and result["missing"] is None
+    spread = result["spread"]["hkt_over_peer"]
+    assert (spread["min"], spread["max"], spread["rounds"]) == (pytest.approx(0.9), pytest.approx(1.1), 4)
+    assert spread["q1"] <= spread["median"] <= spread["q3"]
+    assert "4 rounds" in step_timing.spread_text(spread)
+    order = list(step_timing.round_robin(["a", "b", "c"], 2))
+    assert order == ["a", "b", "c", "c", "b", "a"]
 
 
 def test_normalise_matches_the_image_processor(random_image):
@@ -56,11 +291,22 @@ def positive_finite(result: dict, *keys: str) -> None:
         assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, (key, result[key])
 
 
+def smoke_run(script: str, out: Path) -> dict:
+    """A step-cost script's `--smoke` result: written as printed, with its table, the commit and a command without
+    absolute paths, ratios with their spread."""
+    result = json.loads(run_script(str(BENCHMARKS / script), "--smoke", "--out", str(out)).strip().splitlines()[-1])
+    assert json.loads(out.read_text()) == result and out.with_suffix(".md").exists()
+    assert result["settings"]["mode"] == "smoke" and "its ratios mean nothing" in out.with_suffix(".md").read_text()
+    assert result["commit"] == harness.provenance()["commit"] and isinstance(result["dirty"], bool)
+    assert result["command"].startswith("python benchmarks/") and not harness.absolute_paths(result)
+    assert all(s["rounds"] >= 1 and s["min"] <= s["median"] <= s["max"] for s in result["spread"].values())
+    return result
+
+
 @needs_shared
-def test_step_cost_quick_reports_every_key():
+def test_step_cost_smoke_reports_every_key(tmp_path):
     pytest.importorskip("torchdistill", reason="step_cost.py compares against torchdistill: pip install -e '.[bench]'")
-    last = run_script(str(BENCHMARKS / "step_cost.py"), "--quick").strip().splitlines()[-1]
-    result = json.loads(last)
+    result = smoke_run("step_cost.py", tmp_path / "vision.json")
     positive_finite(result, "hkt_over_peer_kd", "hkt_kd_over_peer_kd", "hkt_over_reference", "saved_hkt_over_peer_kd",
                     "export_latency_ratio")
     assert result["params_exported_child"] == result["params_plain_child"] > 0
@@ -71,13 +317,9 @@ def test_step_cost_quick_reports_every_key():
     assert result["saved_mib"]["reference"] > 2 * result["saved_mib"]["hkt"]
 
 
-def test_step_cost_lm_quick_reports_every_key(tmp_path):
+def test_step_cost_lm_smoke_reports_every_key(tmp_path):
     pytest.importorskip("trl", reason="step_cost_lm.py compares against TRL: pip install -e '.[bench]'")
-    out = tmp_path / "lm.json"
-    last = run_script(str(BENCHMARKS / "step_cost_lm.py"), "--quick", "--repeats", "1", "--phase-repeats", "1",
-                      "--out", str(out)).strip().splitlines()[-1]
-    result = json.loads(last)
-    assert json.loads(out.read_text()) == result and out.with_suffix(".md").exists()
+    result = smoke_run("step_cost_lm.py", tmp_path / "lm.json")
     methods = {"child", "gkd", "chunked", "hkt_kd", "hkt_lm_head", "hkt_layer"}
     assert set(result["step_s"]) | set(result["errors"]) == methods
     keys = ("hkt_lm_over_peer", "hkt_kd_lm_over_peer", "saved_mib_hkt_lm_over_peer", "hkt_layer_lm_over_peer",
@@ -92,26 +334,36 @@ def test_step_cost_lm_quick_reports_every_key(tmp_path):
 @needs_shared
 def test_cifar10_quick_writes_resumable_results(tmp_path):
     script = str(BENCHMARKS / "cifar10.py")
-    run_script(script, "--quick", "--out", str(tmp_path))
-    results = json.loads((tmp_path / "cifar10.json").read_text())
-    assert set(results["runs"]) == {"child/seed0", "kd/seed0", "hkt/seed0"}
-    for key, run in results["runs"].items():
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    run_script(script, "--quick", "--out", str(out), "--cache", str(cache))
+    log_text = (out / "cifar10.jsonl").read_text()
+    log = harness.RunLog.read(out / "cifar10.jsonl")
+    assert set(log.runs) == {"child/seed0", "kd/seed0", "hkt/seed0"}
+    commit = harness.provenance()["commit"]
+    for key, run in log.runs.items():
         assert key == f"{run['method']}/seed{run['seed']}"
-        assert 0.0 <= run["test_accuracy"] <= 100.0
-        assert run["train_s"] > 0
-    assert "hkt/classifier:input=classifier:input/gate_mean" in results["runs"]["hkt/seed0"]["logs"]
-    ref = results["reference"]
+        assert 0.0 <= run["test_accuracy"] <= 100.0 and run["train_s"] > 0 and run["commit"] == commit
+        assert (log.resolve(run["folder"]) / "README.md").is_file()  # the card of the package's trainer
+    assert run["folder"] == "../cache/runs/results/hkt/seed0" and not harness.absolute_paths(log_text)
+    assert log.runs["kd/seed0"]["lineage"]["hkt_loss_weights"] == [1.0, 0.0, 0.0]  # the package's KD
+    assert "hkt/classifier:input=classifier:input/gate_mean" in log.runs["hkt/seed0"]["logs"]
+    ref = log.reference
     for value in (ref["pretrained-child"], ref["pretrained-parent"], ref["adapted-parent"]["test_accuracy"]):
         assert 0.0 <= value <= 100.0
-    assert results["recipe"]["steps"] > 0 and results["commands"][0]["wall_s"] > 0
-    table = (tmp_path / "cifar10.md").read_text()
+    assert log.recipe["steps"] > 0 and list(log.commands.values())[0]["wall_s"] > 0
+    table = (out / "cifar10.md").read_text()
     assert "| 1 |" in table  # the seed count of each row
-    assert (tmp_path / "cifar10.png").stat().st_size > 0
-    assert "HKT ResNet-20" in (tmp_path / "hkt-resnet20-cifar10-jpeg.md").read_text()
+    assert (out / "cifar10.png").stat().st_size > 0
+    card = (out / "hkt-resnet20-cifar10-jpeg.md").read_text()
+    # Rendered by the package from the logged lineage, with the benchmark's baselines added.
+    assert "Hereditary Knowledge Transfer lineage" in card and "| Parent | `../cache/parent-resnet56" in card
+    assert "## Against the baselines" in card and "same recipe, KD (T = 4)" in card
 
-    again = run_script(script, "--quick", "--out", str(tmp_path))
+    again = run_script(script, "--quick", "--out", str(out), "--cache", str(cache))
     assert "skip child/seed0" in again and "skip hkt/seed0" in again
-    assert json.loads((tmp_path / "cifar10.json").read_text())["runs"] == results["runs"]
+    after = (out / "cifar10.jsonl").read_text()
+    assert after.startswith(log_text) and harness.RunLog.read(out / "cifar10.jsonl").runs == log.runs
+    assert {json.loads(line)["kind"] for line in after[len(log_text):].splitlines()} == {"command"}
 
 
 LM_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "python-stdlib"
@@ -139,7 +391,8 @@ def test_language_model_quick_writes_resumable_results(tmp_path, capsys):
     methods = ["child", "kd", "hkt-layers", "hkt-learned"]
     with one_torch_thread():
         language_model.main(["--quick", "--out", str(out), "--cache", str(cache), "--methods", *methods])
-    results = json.loads((out / "language_model.json").read_text())
+    log = harness.RunLog.read(out / "language_model.jsonl")
+    results = {"runs": log.runs, "recipe": log.recipe, "reference": log.reference}
     assert set(results["runs"]) == {f"{m}/seed0" for m in methods}
     for run in results["runs"].values():
         assert math.isfinite(run["test_perplexity"]) and run["test_perplexity"] > 1 and run["train_s"] > 0
@@ -153,13 +406,15 @@ def test_language_model_quick_writes_resumable_results(tmp_path, capsys):
     assert (out / "language_model.png").stat().st_size > 0
     best = cache / "best-child-results"
     assert (best / "config.json").is_file() and (best / "README.md").is_file()
-    assert "hkt-parent" in (Path(results["reference"]["parent"]["folder"]) / "README.md").read_text()
+    parent_folder = log.resolve(results["reference"]["parent"]["folder"])
+    assert parent_folder == cache.resolve() / f"parent-{language_model.QUICK['sizes'].key()}"
     assert_hub_card(best / "README.md", "llama")
-    assert_hub_card(Path(results["reference"]["parent"]["folder"]) / "README.md", "hkt-parent")
+    assert_hub_card(parent_folder / "README.md", "hkt-parent")
+    assert not harness.absolute_paths([log.runs, log.reference, log.commands])
 
     capsys.readouterr()
     with one_torch_thread():
         language_model.main(["--quick", "--out", str(out), "--cache", str(cache), "--methods", "child", "kd"])
     again = capsys.readouterr().out
     assert "skip child/seed0" in again and "skip kd/seed0" in again
-    assert json.loads((out / "language_model.json").read_text())["runs"] == results["runs"]
+    assert harness.RunLog.read(out / "language_model.jsonl").runs == results["runs"]

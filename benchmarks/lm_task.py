@@ -1,9 +1,10 @@
-"""The causal language-modelling task shared by `examples/language_modeling.py` and `benchmarks/language_model.py`.
+"""The causal language-modelling task of `benchmarks/language_model.py`, which `examples/language_modeling.py` uses too.
 
 One definition of: the python-stdlib corpus (CPython's standard library source, one file per row), a byte-level BPE
 tokenizer trained on its train split, fixed-length training blocks (transformers' run_clm `group_texts`), the
 Llama-style parent and its child (a third of the layers, half the width), a parent trained from scratch with the
-plain `Trainer` and cached as a `save_pretrained` folder with its tokenizer, and perplexity.
+plain `Trainer` and cached as a `save_pretrained` folder with its tokenizer and the Trainer's model card, and
+perplexity.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset
+from huggingface_hub import ModelCard
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -33,6 +35,10 @@ from transformers import (
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "python-stdlib"
 EOS, PAD = "<|endoftext|>", "<pad>"
 SPLITS = ("train", "validation", "test")
+# The corpus is CPython's source under the PSF License 2.0, which is not one of the Hub's license identifiers: the
+# Hub's convention for such licenses is `license: other` with a name and a link.
+LICENSE = {"license": "other", "license_name": "psf-2.0", "license_link": "https://docs.python.org/3/license.html"}
+DATASET = "python-stdlib (CPython 3.11.7 standard library source)"
 # The input of the LM head on both sides: what users get by default (`auto` resolves to `lm_head:input=lm_head:input`).
 HEAD_CARRIER = "auto"
 
@@ -156,6 +162,14 @@ def perplexity(metrics: dict[str, float], prefix: str = "eval") -> float:
     return math.exp(metrics[f"{prefix}_loss"])
 
 
+def set_license(card_path: Path) -> None:
+    """Give a card written by `Trainer.create_model_card` (which takes only a license identifier) the PSF license."""
+    card = ModelCard.load(card_path)
+    for key, value in LICENSE.items():
+        setattr(card.data, key, value)
+    card.save(card_path)
+
+
 def cached_parent(folder: Path, sizes: LMSizes, tokenizer: PreTrainedTokenizerFast, data: DatasetDict
                   ) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     """The parent trained from scratch with the plain `Trainer` (seed 0) on `data["train"]`, saved with its tokenizer
@@ -177,6 +191,9 @@ def cached_parent(folder: Path, sizes: LMSizes, tokenizer: PreTrainedTokenizerFa
                 "test_perplexity": perplexity(trainer.evaluate(data["test"], metric_key_prefix="test"), "test"),
                 "sizes": asdict(sizes)}
         trainer.save_model()
+        trainer.create_model_card(model_name="python-stdlib-llama-parent", language="code", dataset=DATASET,
+                                  tags=["llama", "python", "hkt-parent"], tasks="text-generation")
+        set_license(tmp / "README.md")
         (tmp / "parent_info.json").write_text(json.dumps(info, indent=2) + "\n")
         os.replace(tmp, folder)
     return AutoModelForCausalLM.from_pretrained(folder), json.loads(info_path.read_text())
