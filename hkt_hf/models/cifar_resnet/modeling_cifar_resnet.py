@@ -127,7 +127,8 @@ class CifarResNetForImageClassification(CifarResNetPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.resnet(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(outputs.pooler_output)
-        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+        # The Trainer's `num_items_in_batch` reaches the loss, so gradient accumulation averages as one big batch.
+        loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
         if not return_dict:
             out = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
             return ((loss,) + out) if loss is not None else out
