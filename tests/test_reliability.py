@@ -302,21 +302,19 @@ def test_hkt_config_that_is_not_json(tmp_path):
 
 
 class NaNAtStep(TrainerCallback):
-    """Turns `module`'s output into NaN in the forward of training step `at` (counting starts at `on_train_begin`,
-    after the trainer's shape probe; each step runs the module once)."""
+    """Turns `module`'s output into NaN in the forwards of training step `at` (1-based). For a child module, only in
+    train mode: the trainer's eval-mode checks of a batch (loss normalisation) are left alone; a parent module runs in
+    eval mode (`train_mode_only=False`)."""
 
-    def __init__(self, module: torch.nn.Module, at: int):
-        self.at, self.calls, self.armed = at, 0, False
+    def __init__(self, module: torch.nn.Module, at: int, train_mode_only: bool = True):
+        self.at, self.step, self.train_mode_only = at, 0, train_mode_only
         self.handle = module.register_forward_hook(self.hook)
 
-    def on_train_begin(self, *args, **kwargs):
-        self.armed = True
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step + 1
 
     def hook(self, module, args, output):
-        if not self.armed:
-            return None
-        self.calls += 1
-        return output * float("nan") if self.calls == self.at else None
+        return output * float("nan") if self.step == self.at and (module.training or not self.train_mode_only) else None
 
 
 def test_nonfinite_stop_names_step_and_carrier_and_keeps_checkpoints(tmp_path):
@@ -355,7 +353,7 @@ class WeightRecorder(TrainerCallback):
 
 def test_nonfinite_skip_drops_the_batch_and_logs_it(tmp_path):
     recorder, (parent, child) = WeightRecorder(), vit_pair()
-    nan = NaNAtStep(parent.vit.layernorm, at=4)  # a NaN parent feature poisons the mixed feature
+    nan = NaNAtStep(parent.vit.layernorm, at=4, train_mode_only=False)  # a NaN parent feature poisons the mixed feature
     trainer = trainer_for(tmp_path, parent=parent, child=child, callbacks=[recorder, nan], hkt_on_nonfinite="skip",
                           hkt_gate="learned", max_steps=6)
     trainer.train()
