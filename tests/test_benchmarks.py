@@ -418,3 +418,73 @@ def test_language_model_quick_writes_resumable_results(tmp_path, capsys):
     again = capsys.readouterr().out
     assert "skip child/seed0" in again and "skip kd/seed0" in again
     assert harness.RunLog.read(out / "language_model.jsonl").runs == results["runs"]
+
+
+# ---- the language-model protocol and its baselines (issue 24) ---------------------------------------------------
+
+
+def tiny_llama(hidden: int, layers: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=hidden, intermediate_size=2 * hidden,
+                                        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                                        max_position_embeddings=16, tie_word_embeddings=True))
+
+
+def token_blocks(n: int, seed: int = 0):
+    from datasets import Dataset
+
+    ids = torch.randint(0, 40, (n, 12), generator=torch.Generator().manual_seed(seed)).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids}).with_format("torch")
+
+
+BASELINES = {"hint+kd": dict(hint="mse", kd_weight=1.0), "hint-cos+kd": dict(hint="cosine", kd_weight=1.0),
+             "stitch": dict(stitch=True)}
+
+
+@pytest.mark.parametrize("method", sorted(BASELINES))
+def test_each_baseline_trains_its_projection_and_child_with_the_parent_frozen(tmp_path, method):
+    import baselines
+    from transformers import TrainingArguments, default_data_collator
+
+    parent, child = tiny_llama(32, 4), tiny_llama(16, 2, seed=1)
+    parent_before = {k: v.clone() for k, v in parent.state_dict().items()}
+    child_before = {k: v.clone() for k, v in child.state_dict().items()}
+    args = TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                             use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True)
+    trainer = baselines.BaselineTrainer(child, args, parent_model=parent, train_dataset=token_blocks(12),
+                                        data_collator=default_data_collator,
+                                        pairs=["model.layers.1=model.layers.0", "model.layers.3=model.layers.1"],
+                                        **BASELINES[method])
+    projections = [p.detach().clone() for p in trainer.projections.parameters()]
+    with one_torch_thread():
+        trainer.train()
+    assert len(projections) == 4  # one Linear (weight, bias) per pair
+    assert all(not torch.equal(a, b) for a, b in zip(projections, trainer.projections.parameters()))
+    assert any(not torch.equal(v, child.state_dict()[k]) for k, v in child_before.items())
+    assert all(torch.equal(v, parent.state_dict()[k]) for k, v in parent_before.items())
+    assert all(p.requires_grad for p in parent.parameters()) and parent.training  # given back as it came
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_the_baselines_kd_term_is_the_packages_kd():
+    """hint weight 0: the baseline's loss on a batch is the package's KD baseline's (HKTTrainer, weights [1, 0, 0])."""
+    import baselines
+    from comparison import kd_settings
+    from transformers import TrainingArguments, default_data_collator
+
+    from hkt_hf import HKTTrainer, HKTTrainingArguments
+
+    parent, child = tiny_llama(32, 4), tiny_llama(16, 2, seed=1)
+    common = dict(output_dir="unused", use_cpu=True, report_to="none", per_device_train_batch_size=4)
+    batch = default_data_collator([token_blocks(4)[i] for i in range(4)])
+    ours = baselines.BaselineTrainer(child, TrainingArguments(**common), parent_model=parent, pairs=[],
+                                     kd_weight=0.5, kd_temperature=2.0)
+    package = HKTTrainer(child, HKTTrainingArguments(**common, **kd_settings(0.5, 2.0)), parent_model=parent,
+                         train_dataset=token_blocks(4))
+    package._ensure_adapter(child, batch)  # what its train() does before the first step
+    child.train()
+    with torch.no_grad():
+        expected, got = package.compute_loss(child, dict(batch)), ours.compute_loss(child, dict(batch))
+    torch.testing.assert_close(got, expected)
