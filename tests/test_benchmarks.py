@@ -488,3 +488,70 @@ def test_the_baselines_kd_term_is_the_packages_kd():
     with torch.no_grad():
         expected, got = package.compute_loss(child, dict(batch)), ours.compute_loss(child, dict(batch))
     torch.testing.assert_close(got, expected)
+
+
+def fake_lm_run(calls: list, validation: dict):
+    """A stand-in for a training run: records the call, and its validation perplexity is `validation[(method, lr)]`
+    (less a little per seed and per step, so every run differs)."""
+
+    def run(method: str, lr: float, seed: int, steps: int) -> dict:
+        calls.append((method, lr, seed, steps))
+        score = validation[method, lr] - 0.1 * seed - steps / 1000
+        return {"method": method, "lr": lr, "seed": seed, "steps": steps, "validation_perplexity": score,
+                "test_perplexity": score + 5, "train_s": 1.0}
+
+    return run
+
+
+def test_each_method_gets_the_rate_of_its_best_validation_then_its_seeds_and_a_rerun_skips_finished_runs(tmp_path):
+    import language_model as lm
+
+    validation = {("kd", 1e-3): 50.0, ("kd", 3e-3): 40.0, ("kd", 1e-2): 45.0,  # best in the middle
+                  ("hint+kd", 1e-3): 30.0, ("hint+kd", 3e-3): 35.0, ("hint+kd", 1e-2): 90.0}  # best at the edge
+    calls: list = []
+    log = harness.RunLog.open(tmp_path / "lm.jsonl", {"steps": 10})
+    lm.protocol(log, ["kd", "hint+kd"], [1e-3, 3e-3, 1e-2], [0, 1], 10, None, fake_lm_run(calls, validation))
+    assert lm.choose_rates(log.runs.values(), 10) == {"kd": 3e-3, "hint+kd": 1e-3}
+    assert calls[6:] == [("kd", 3e-3, 1, 10), ("hint+kd", 1e-3, 1, 10)]  # seed 0 at the chosen rate: the sweep's
+    assert set(log.runs) == {f"{m}/lr{lr:g}/seed0" for m, lr in validation} | {"kd/lr0.003/seed1",
+                                                                                 "hint+kd/lr0.001/seed1"}
+
+    calls.clear()  # again, with the longer runs of the best method only
+    log = harness.RunLog.open(tmp_path / "lm.jsonl", {"steps": 10})
+    lm.protocol(log, ["kd", "hint+kd"], [1e-3, 3e-3, 1e-2], [0, 1], 40, 1, fake_lm_run(calls, validation))
+    assert calls == [("hint+kd", 1e-3, 0, 40), ("hint+kd", 1e-3, 1, 40)]
+    assert {"hint+kd/lr0.001/seed0/steps40", "hint+kd/lr0.001/seed1/steps40"} < set(log.runs)
+    ranked = lm.chosen_runs(log.runs.values(), lm.choose_rates(log.runs.values(), 10), 10)
+    assert list(ranked) == ["hint+kd", "kd"] and [len(r) for r in ranked.values()] == [2, 2]
+    table = lm.ranked_table(ranked)
+    assert "| 1 | " in table[2] and "`hint+kd`" in table[2] and "| 0.001 | 2 | 29.94 +- 0.07 |" in table[2]
+
+
+def test_test_perplexity_counts_every_block_even_a_partial_last_batch():
+    import language_model as lm
+
+    model, blocks = tiny_llama(16, 1), token_blocks(5)
+    model.eval()
+    with torch.no_grad():
+        losses = [model(input_ids=b["input_ids"][None], labels=b["labels"][None]).loss.item() for b in blocks]
+    perplexity, count = lm.block_perplexity(model, blocks, batch_size=2)  # batches of 2, 2 and 1
+    assert count == 5
+    assert perplexity == pytest.approx(math.exp(sum(losses) / 5), rel=1e-5)
+    assert perplexity != pytest.approx(math.exp(sum(losses[:4]) / 4), rel=1e-5)  # what a drop-last loader gives
+
+
+def test_a_child_from_the_parents_layers_holds_every_kth_layer_and_the_embeddings():
+    import language_model as lm
+
+    parent = tiny_llama(16, 6)
+    child = lm.new_child(parent, seed=3, init="parent-layers")
+    assert child.config.num_hidden_layers == 2 and child.config.hidden_size == parent.config.hidden_size
+    for j, source in ((0, 0), (1, 3)):
+        for name, tensor in child.model.layers[j].state_dict().items():
+            assert torch.equal(tensor, parent.model.layers[source].state_dict()[name]), (j, name)
+    assert torch.equal(child.model.embed_tokens.weight, parent.model.embed_tokens.weight)
+    assert torch.equal(child.model.norm.weight, parent.model.norm.weight)
+    same_width = lm.new_child(parent, seed=3, init="same-width")
+    assert same_width.config.to_dict() == child.config.to_dict()
+    assert not torch.equal(same_width.model.layers[0].mlp.up_proj.weight, child.model.layers[0].mlp.up_proj.weight)
+    assert lm.new_child(parent, seed=3, init="random").config.hidden_size == parent.config.hidden_size // 2
