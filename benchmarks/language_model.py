@@ -333,6 +333,15 @@ def sweep_table(runs: list[dict[str, Any]], base_steps: int, rates: dict[str, fl
     return lines
 
 
+def edge_choices(runs: list[dict[str, Any]], base_steps: int, rates: dict[str, float]) -> list[str]:
+    """The methods whose chosen rate is the lowest or highest of the (more than two) rates they were swept at."""
+    swept: dict[str, set[float]] = {}
+    for run in runs:
+        if run["seed"] == 0 and run["steps"] == base_steps:
+            swept.setdefault(run["method"], set()).add(run["lr"])
+    return [f"`{m}` ({rates[m]:g})" for m, lrs in swept.items() if len(lrs) > 2 and rates[m] in (min(lrs), max(lrs))]
+
+
 def markdown_table(log: RunLog) -> str:
     rec, parent = log.recipe, log.reference.get("parent", {})
     sizes, base = rec["sizes"], rec["steps"]
@@ -345,6 +354,9 @@ def markdown_table(log: RunLog) -> str:
         lines += ["", f"At {steps} steps (the rate chosen at {base}):", "",
                   *ranked_table(chosen_runs(runs, rates, steps))]
     lines += ["", "Rate sweep (seed 0, validation perplexity; bold: chosen):", "", *sweep_table(runs, base, rates)]
+    edge = edge_choices(runs, base, rates)
+    if edge:
+        lines += ["", f"Chosen at the edge of the sweep (extend it with one more rate beyond): {', '.join(edge)}."]
     if parent:
         lines += ["", f"Parent ({sizes['parent_layers']} layers, hidden {sizes['parent_hidden']}, {parent['params']:,} "
                       f"parameters, plain `Trainer`, {parent['steps']} steps, {parent['train_s']:.0f} s): validation "

@@ -383,24 +383,27 @@ def assert_hub_card(path: Path, tag: str) -> None:
 @pytest.mark.skipif(not (LM_CORPUS / "train.parquet").is_file(),
                     reason=f"needs the python-stdlib corpus in ../shared ({LM_CORPUS}), absent here")
 def test_language_model_quick_writes_resumable_results(tmp_path, capsys):
-    """In-process and four of the methods (plain, KD, two carriers, a trainable gate), to stay under a minute on a
-    busy 2-core machine; the re-run skips the finished runs."""
+    """In-process and four of the methods (plain, a hint baseline, two carriers, a trainable gate) at one rate, to
+    stay under a minute on a busy 2-core machine; the re-run skips the finished runs."""
     import language_model
 
     out, cache = tmp_path / "results", tmp_path / "cache"
-    methods = ["child", "kd", "hkt-layers", "hkt-learned"]
+    methods = ["child", "hint+kd", "hkt-layers", "hkt-learned"]
     with one_torch_thread():
         language_model.main(["--quick", "--out", str(out), "--cache", str(cache), "--methods", *methods])
     log = harness.RunLog.read(out / "language_model.jsonl")
     results = {"runs": log.runs, "recipe": log.recipe, "reference": log.reference}
-    assert set(results["runs"]) == {f"{m}/seed0" for m in methods}
+    assert set(results["runs"]) == {f"{m}/lr0.003/seed0" for m in methods}  # the quick recipe's rate: no sweep
     for run in results["runs"].values():
         assert math.isfinite(run["test_perplexity"]) and run["test_perplexity"] > 1 and run["train_s"] > 0
+        assert run["validation_perplexity"] > 1 and (run["lr"], run["steps"]) == (0.003, results["recipe"]["steps"])
+        assert run["test_blocks"] == results["reference"]["blocks"]["test"]  # every test block, none dropped
+        assert run["step_s"] == pytest.approx(run["train_s"] / run["steps"]) and run["commit"]
         assert len(run["validation_curve"]) == results["recipe"]["steps"] // results["recipe"]["eval_every"]
         assert bool(run["gates"]) == run["method"].startswith("hkt")
-    gates = results["runs"]["hkt-learned/seed0"]["gates"]["lm_head:input=lm_head:input"]
+    gates = results["runs"]["hkt-learned/lr0.003/seed0"]["gates"]["lm_head:input=lm_head:input"]
     assert 0.0 <= gates["gate_mean"][-1][1] <= 1.0 and gates["mix_weight_mean"][-1][1] >= 0.0
-    assert set(results["runs"]["hkt-layers/seed0"]["gates"]) == {"model.layers.2=model.layers.0"}
+    assert set(results["runs"]["hkt-layers/lr0.003/seed0"]["gates"]) == {"model.layers.2=model.layers.0"}
     assert results["reference"]["parent"]["test_perplexity"] > 1
     assert "| 1 |" in (out / "language_model.md").read_text()
     assert (out / "language_model.png").stat().st_size > 0
@@ -414,9 +417,9 @@ def test_language_model_quick_writes_resumable_results(tmp_path, capsys):
 
     capsys.readouterr()
     with one_torch_thread():
-        language_model.main(["--quick", "--out", str(out), "--cache", str(cache), "--methods", "child", "kd"])
+        language_model.main(["--quick", "--out", str(out), "--cache", str(cache), "--methods", "child", "hint+kd"])
     again = capsys.readouterr().out
-    assert "skip child/seed0" in again and "skip kd/seed0" in again
+    assert "skip child/lr0.003/seed0" in again and "skip hint+kd/lr0.003/seed0" in again
     assert harness.RunLog.read(out / "language_model.jsonl").runs == results["runs"]
 
 
@@ -511,7 +514,9 @@ def test_each_method_gets_the_rate_of_its_best_validation_then_its_seeds_and_a_r
     calls: list = []
     log = harness.RunLog.open(tmp_path / "lm.jsonl", {"steps": 10})
     lm.protocol(log, ["kd", "hint+kd"], [1e-3, 3e-3, 1e-2], [0, 1], 10, None, fake_lm_run(calls, validation))
-    assert lm.choose_rates(log.runs.values(), 10) == {"kd": 3e-3, "hint+kd": 1e-3}
+    rates = lm.choose_rates(log.runs.values(), 10)
+    assert rates == {"kd": 3e-3, "hint+kd": 1e-3}
+    assert lm.edge_choices(list(log.runs.values()), 10, rates) == ["`hint+kd` (0.001)"]  # the report asks for more
     assert calls[6:] == [("kd", 3e-3, 1, 10), ("hint+kd", 1e-3, 1, 10)]  # seed 0 at the chosen rate: the sweep's
     assert set(log.runs) == {f"{m}/lr{lr:g}/seed0" for m, lr in validation} | {"kd/lr0.003/seed1",
                                                                                  "hint+kd/lr0.001/seed1"}
