@@ -7,7 +7,9 @@ the same layer pairs as HKT's `blocks` carriers), one of:
 - `hint="mse"`: FitNets / TinyBERT: MSE between a trained linear projection of the child's feature and the parent's;
 - `hint="cosine"`: DistilBERT's variant: 1 - cosine similarity of the two along the hidden dimension;
 - `stitch=True`: SimKD / SRRL-like stitching: the projected child feature replaces the parent's at that layer and the
-  frozen parent's upper layers and head run on it; their loss on the labels (CE) is added, no gate;
+  frozen parent's upper layers and head run on it; their loss on the labels (CE) is added, no gate. A training signal
+  only, as in SRRL: the child is used and evaluated with its own layers and head (SimKD would deploy the stitched
+  parent head too);
 
 plus `kd_weight` x the package's KD term (T^2 KL(parent || child) on the logits, the positions with a target).
 The parent runs first, without autograd (the stitched passes record a graph only from the replaced feature on), and
@@ -108,9 +110,9 @@ class BaselineTrainer(Trainer):
             with torch.no_grad(), FeatureExtractor(self.parent_model, parent_specs, role="parent") as parent_ext:
                 parent_out = self.parent_model(**batch, use_cache=False)
             parent_features = parent_ext.features
-        with FeatureExtractor(model, [c for _, c in self.pairs], role="child") as child_ext:
+        child = self.accelerator.unwrap_model(model)  # the pairs name the bare child's modules
+        with FeatureExtractor(child, [c for _, c in self.pairs], role="child") as child_ext:
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        child = self.accelerator.unwrap_model(model)
         scale = 1.0 if num_items_in_batch is None else count_items(child, inputs["labels"]) / num_items_in_batch
         terms = self.feature_terms(child_ext.features, parent_features, {**batch, "labels": inputs["labels"]})
         if self.kd_weight > 0:

@@ -44,7 +44,7 @@ from harness import CACHE, RESULTS, RunLog, benchmark_parser, commands_line, mea
 from harness import write_report
 from lm_task import DATA_DIR, DATASET, FULL_SIZES, HEAD_CARRIER, LMSizes, child_config, lm_args, new_model
 from lm_task import prepare, set_license, strided
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, default_data_collator, set_seed
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, default_data_collator
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments
 
@@ -74,7 +74,7 @@ DESCRIPTIONS = {
     "kd": "KD: CE + forward KL(parent, child) on logits, T = 1, weight 1 (`HKTTrainer`, loss weights [1, 0, 0])",
     "hint+kd": "hint + KD: MSE(projection of child layer, parent layer) at the decoder-layer pairs + KD (FitNets)",
     "hint-cos+kd": "hint + KD, cosine variant (DistilBERT): 1 - cos(projection, parent layer) + KD",
-    "stitch": "stitching: projected child layer -> frozen parent's upper layers and head, CE, no gate (SimKD-like)",
+    "stitch": "stitching: projected child layer -> frozen parent's upper layers and head, CE, no gate (SRRL-like)",
     "hkt": "HKT, LM-head input, genetic gate (reference: lambda 0.6, weights [1, 1, 1])",
     "hkt-layers": "HKT, decoder-layer carriers, genetic gate",
     "hkt+kd": "HKT reference + KD term (T = 1, weight 1)",
@@ -143,7 +143,6 @@ def trainer_for(method: str, seed: int, lr: float, steps: int, rec: dict[str, An
                 parent) -> Trainer:
     sizes = rec["sizes"]
     child = new_child(parent, seed, rec["child_init"])
-    set_seed(seed)
     run = dict(output_dir=str(run_dir), seed=seed, max_steps=steps, learning_rate=lr,
                per_device_train_batch_size=sizes["batch_size"], logging_steps=rec["eval_every"],
                eval_strategy="steps", eval_steps=rec["eval_every"])
