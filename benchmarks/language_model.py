@@ -432,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     if opts.top is not None and opts.top < 1:
         parser.error("--top must be at least 1")
+    if opts.lrs and (min(opts.lrs) <= 0 or len(set(opts.lrs)) != len(opts.lrs)):
+        parser.error(f"--lrs must be distinct positive rates, got {opts.lrs}")
+    if opts.steps is not None and opts.steps < 1:
+        parser.error(f"--steps must be at least 1, got {opts.steps}")
     return run_or_report(opts, argv, run_all, lambda out: report(out, opts.cache))
 
 

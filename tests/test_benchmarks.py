@@ -560,3 +560,12 @@ def test_a_child_from_the_parents_layers_holds_every_kth_layer_and_the_embedding
     assert same_width.config.to_dict() == child.config.to_dict()
     assert not torch.equal(same_width.model.layers[0].mlp.up_proj.weight, child.model.layers[0].mlp.up_proj.weight)
     assert lm.new_child(parent, seed=3, init="random").config.hidden_size == parent.config.hidden_size // 2
+
+
+@pytest.mark.parametrize("bad", [["--lrs", "0", "1e-3"], ["--lrs", "1e-3", "1e-3"], ["--top", "0"], ["--steps", "0"]])
+def test_the_protocol_refuses_bad_options_before_anything_runs(tmp_path, bad, capsys):
+    import language_model
+
+    with pytest.raises(SystemExit):
+        language_model.main(["--quick", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "c"), *bad])
+    assert bad[0] in capsys.readouterr().err and not (tmp_path / "out").exists()
