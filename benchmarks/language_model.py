@@ -1,25 +1,28 @@
-"""Test perplexity of a small Llama-style child language model trained alone, with KD and with HKT variants, on the
-python-stdlib corpus (CPython's standard library source; `../shared/data/python-stdlib`).
+"""Perplexity of a small Llama-style child language model trained alone, with KD, with feature-distillation baselines
+and with HKT variants, each at its own learning rate, on the python-stdlib corpus (CPython's standard library source;
+`../shared/data/python-stdlib`).
 
-The task (tokenizer, blocks, models) is `benchmarks/lm_task.py`, which `examples/language_modeling.py` uses too:
+The task (tokenizer, blocks, models) is `benchmarks/lm_task.py`, which `examples/language_modeling.py` uses too. The
+protocol, per results folder (one child initialisation, `--child-init`):
 
-1. A byte-level BPE tokenizer trained on the train split, and a Llama parent trained from scratch on it with the
-   plain `Trainer` (seed 0); both cached as `save_pretrained` folders (the parent with its tokenizer and a card).
-2. For each seed and method, the same child recipe (steps, lr, batch, cosine schedule; the seed sets the child's
-   initialisation and the data order): `child` alone (plain `Trainer`), `kd` (the package's KD: `HKTTrainer` with
-   loss weights [1, 0, 0], CE + forward KL(parent || child) on the logits, T = 1, weight 1), HKT on the LM head's
-   input with each gate (`hkt` = genetic, the reference), `hkt-layers` (decoder-layer carriers), `hkt+kd`.
-3. Validation perplexity every `eval_every` steps on a fixed subset of the validation blocks (a curve: nothing is
-   chosen with it), test perplexity once after the last step; the gate statistics of every carrier at every log.
+1. Rate sweep: every method at every rate of `--lrs` on seed 0, `recipe steps` steps. Each run ends with a final
+   validation perplexity on a fixed strided subset of the validation blocks (`eval_blocks`), which chooses the rate
+   of each method (lowest wins); the test blocks are scored too but choose nothing.
+2. Seeds: every method (or, with `--top K`, the K best on mean validation) at its chosen rate on each of `--seeds`,
+   for `--steps` steps (default the recipe's; more steps reuse the rate chosen at the recipe's budget).
+3. Report: methods ranked on validation perplexity (mean +- std over seeds); test perplexity reported beside it, on
+   every test block (no drop-last); the chosen rate, n and the step time (train_s / steps, periodic validation
+   included) of each; the sweep; the gate statistics of the HKT runs.
 
-Each finished run is appended at once to the results log `<out>/language_model.jsonl` (`harness.RunLog`, with the
-commit it ran at) and skipped when the command runs again. The table (`.md`), the plot of the validation curves
-(`.png`) and the best child (lowest test perplexity, with its model card) are regenerated from the log after each
-invocation:
+Every run is appended at once to `<out>/language_model.jsonl` keyed `method/lr<rate>/seed<k>[/steps<n>]` with its
+commit, steps, rate and times (`harness.RunLog`), and skipped when the command runs again. The table (`.md`), the
+plot of validation curves (`.png`) and the best child (lowest validation perplexity, with its card) are regenerated
+after each invocation:
 
-    python benchmarks/language_model.py                     # full run (resumable), results in benchmarks/results/
-    python benchmarks/language_model.py --report            # table, plot and best child again from the log
-    python benchmarks/language_model.py --quick --out DIR   # smoke run, tiny sizes, < 60 s on 2 cores
+    python benchmarks/language_model.py --out DIR --lrs 3e-4 1e-3 3e-3 --seeds 0 1 2   # steps 1-2 (resumable)
+    python benchmarks/language_model.py --out DIR --lrs 3e-4 1e-3 3e-3 --seeds 0 1 2 --steps 720 --top 3
+    python benchmarks/language_model.py --out DIR --report                                # the report again
+    python benchmarks/language_model.py --quick --out DIR --lrs 1e-3 3e-3 1e-2            # smoke run, tiny sizes
 """
 
 from __future__ import annotations
@@ -29,27 +32,32 @@ import math
 import shutil
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from baselines import BaselineTrainer
 from comparison import kd_settings
-from harness import CACHE, RESULTS, RunLog, benchmark_parser, by_method, commands_line, notes_lines, run_missing
-from harness import run_or_report, write_report
-from lm_task import DATA_DIR, DATASET, FULL_SIZES, HEAD_CARRIER, LMSizes, child_config, lm_args, new_model, perplexity
+from harness import CACHE, RESULTS, RunLog, benchmark_parser, commands_line, mean_std, notes_lines, run_or_report
+from harness import write_report
+from lm_task import DATA_DIR, DATASET, FULL_SIZES, HEAD_CARRIER, LMSizes, child_config, lm_args, new_model
 from lm_task import prepare, set_license, strided
-from transformers import Trainer, default_data_collator
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, default_data_collator
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments
 
 LOG_NAME = "language_model.jsonl"
 KD = dict(hkt_kd_weight=1.0, hkt_kd_temperature=1.0)  # the KD term of the HKT + KD variants
 LAYERS = "layers"  # stands for the decoder-layer carriers, which depend on the two depths (`layer_carriers`)
-# The HKTTrainingArguments of each method; None = the child alone (plain Trainer).
+# Per method: HKTTrainingArguments fields, or {"baseline": BaselineTrainer options}; None = the child alone.
 METHODS: dict[str, dict[str, Any] | None] = {
     "child": None,
     "kd": dict(hkt_carriers=[HEAD_CARRIER], **kd_settings(weight=1.0, temperature=1.0)),
+    "hint+kd": dict(baseline=dict(hint="mse", kd_weight=1.0, kd_temperature=1.0)),
+    "hint-cos+kd": dict(baseline=dict(hint="cosine", kd_weight=1.0, kd_temperature=1.0)),
+    "stitch": dict(baseline=dict(stitch=True)),
     "hkt": dict(hkt_carriers=[HEAD_CARRIER]),
     "hkt-layers": dict(hkt_carriers=LAYERS),
     "hkt+kd": dict(hkt_carriers=[HEAD_CARRIER], **KD),
@@ -57,10 +65,16 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "hkt-learned": dict(hkt_carriers=[HEAD_CARRIER], hkt_gate="learned"),
     "hkt-static": dict(hkt_carriers=[HEAD_CARRIER], hkt_gate="static"),
     "hkt-layers+kd": dict(hkt_carriers=LAYERS, **KD),
+    "hkt-layers+kd-no-lc": dict(hkt_carriers=LAYERS, hkt_loss_weights=[1.0, 0.0, 1.0], **KD),
+    "hkt-layers+kd-no-lp": dict(hkt_carriers=LAYERS, hkt_loss_weights=[1.0, 1.0, 0.0], **KD),
+    "hkt-layers+kd-static": dict(hkt_carriers=LAYERS, hkt_gate="static", **KD),
 }
 DESCRIPTIONS = {
     "child": "child alone (plain `Trainer`)",
     "kd": "KD: CE + forward KL(parent, child) on logits, T = 1, weight 1 (`HKTTrainer`, loss weights [1, 0, 0])",
+    "hint+kd": "hint + KD: MSE(projection of child layer, parent layer) at the decoder-layer pairs + KD (FitNets)",
+    "hint-cos+kd": "hint + KD, cosine variant (DistilBERT): 1 - cos(projection, parent layer) + KD",
+    "stitch": "stitching: projected child layer -> frozen parent's upper layers and head, CE, no gate (SRRL-like)",
     "hkt": "HKT, LM-head input, genetic gate (reference: lambda 0.6, weights [1, 1, 1])",
     "hkt-layers": "HKT, decoder-layer carriers, genetic gate",
     "hkt+kd": "HKT reference + KD term (T = 1, weight 1)",
@@ -68,38 +82,68 @@ DESCRIPTIONS = {
     "hkt-learned": "HKT, LM-head input, learned gate",
     "hkt-static": "HKT, LM-head input, static gate (0.7 p + 0.3 q)",
     "hkt-layers+kd": "HKT, decoder-layer carriers + KD term (T = 1, weight 1)",
+    "hkt-layers+kd-no-lc": "hkt-layers+kd without L_c* (loss weights [1, 0, 1])",
+    "hkt-layers+kd-no-lp": "hkt-layers+kd without L_p* (loss weights [1, 1, 0])",
+    "hkt-layers+kd-static": "hkt-layers+kd with the constant `static` gate (0.7 p + 0.3 q)",
+}
+CHILD_INITS = {
+    "random": "random, a third of the parent's layers at half its width",
+    "same-width": "random, a third of the parent's layers at its width (the control of parent-layers)",
+    "parent-layers": "the parent's embeddings, final norm, head and every k-th decoder layer (0, k, 2k...), its width",
 }
 FULL = dict(sizes=FULL_SIZES, steps=180, eval_every=20, eval_blocks=256)
 QUICK = dict(sizes=LMSizes(vocab_size=300, block_size=32, parent_layers=3, parent_hidden=64, parent_heads=2,
                            parent_steps=15, batch_size=8, lr=3e-3, train_rows=60, eval_rows=3),
              steps=8, eval_every=4, eval_blocks=32)
-# How the full sizes were chosen: single runs of 8 steps (one validation of 256 blocks included) at the full model
-# sizes, measured on 2026-11-30 on the 2-core machine while other jobs kept its load average near 7, one torch thread.
-SIZING = (
-    "measured s / step at full sizes under a load average of ~7 (1 thread, 8 steps incl. one validation): "
-    "child 0.98, kd 2.06, hkt 2.36, hkt-layers 3.27, hkt+kd 3.20, parent 1.82; one HKT run in a quiet moment "
-    "(2 threads) took 0.52 s / step, about 4.5 times faster. Projected on 2 free cores: parent 800 steps ~5-6 min, "
-    "8 methods x 3 seeds x 180 steps ~35-38 min, data and tokenizer ~1 min: ~45 min in all (about 3 h under the "
-    "measured load). `--steps` changes the child budget (refused for a results folder of another budget: use `--out`)"
-)
 
 
-def recipe(settings: dict[str, Any]) -> dict[str, Any]:
-    """Everything that must match for runs to be comparable; stored in the JSON and checked on resume."""
+def recipe(settings: dict[str, Any], child_init: str) -> dict[str, Any]:
+    """Everything that must match for runs to be comparable; stored in the JSON and checked on resume. `steps` is
+    the budget of the rate sweep (longer runs are keyed by their steps)."""
     return dict(sizes=asdict(settings["sizes"]), steps=settings["steps"], eval_every=settings["eval_every"],
-                eval_blocks=settings["eval_blocks"], schedule="AdamW, cosine, 5 % warm-up, weight decay 0.01")
+                eval_blocks=settings["eval_blocks"], child_init=child_init,
+                schedule="AdamW, cosine, 5 % warm-up, weight decay 0.01")
 
 
 def layer_carriers(parent_layers: int, child_layers: int) -> list[str]:
     """Each child decoder layer's output takes the output of the parent layer at the same relative depth (the last
-    child layer takes the last parent layer's)."""
+    child layer takes the last parent layer's): the pairs of HKT's `blocks` carriers for up to 3 child layers."""
     return [f"model.layers.{(i + 1) * parent_layers // child_layers - 1}=model.layers.{i}" for i in range(child_layers)]
 
 
-def trainer_for(method: str, seed: int, rec: dict[str, Any], run_dir: Path, data, tokenizer, parent) -> Trainer:
+def new_child(parent: LlamaForCausalLM, seed: int, init: str) -> LlamaForCausalLM:
+    """The child of `init` (see CHILD_INITS); `seed` sets its random initialisation (parent-layers: none)."""
+    if init == "random":
+        return new_model(child_config(parent.config), seed=seed)
+    config = LlamaConfig.from_dict(parent.config.to_dict())
+    config.num_hidden_layers = child_config(parent.config).num_hidden_layers
+    child = new_model(config, seed=seed)
+    if init == "parent-layers":
+        child.load_state_dict(inherited_state(parent, config.num_hidden_layers))
+    return child
+
+
+def inherited_state(parent: LlamaForCausalLM, child_layers: int) -> dict[str, torch.Tensor]:
+    """The parent's weights for a same-width child of `child_layers` layers: child layer j is parent layer
+    j * p // c (DistilBERT-style, every k-th from the first); embeddings, final norm and head as they are."""
+    parent_layers = parent.config.num_hidden_layers
+    state = {}
+    for name, tensor in parent.state_dict().items():
+        if not name.startswith("model.layers."):
+            state[name] = tensor.clone()
+    for j in range(child_layers):
+        prefix = f"model.layers.{j * parent_layers // child_layers}."
+        for name, tensor in parent.state_dict().items():
+            if name.startswith(prefix):
+                state[f"model.layers.{j}." + name[len(prefix):]] = tensor.clone()
+    return state
+
+
+def trainer_for(method: str, seed: int, lr: float, steps: int, rec: dict[str, Any], run_dir: Path, data, tokenizer,
+                parent) -> Trainer:
     sizes = rec["sizes"]
-    child = new_model(child_config(parent.config), seed=seed)
-    run = dict(output_dir=str(run_dir), seed=seed, max_steps=rec["steps"], learning_rate=sizes["lr"],
+    child = new_child(parent, seed, rec["child_init"])
+    run = dict(output_dir=str(run_dir), seed=seed, max_steps=steps, learning_rate=lr,
                per_device_train_batch_size=sizes["batch_size"], logging_steps=rec["eval_every"],
                eval_strategy="steps", eval_steps=rec["eval_every"])
     common = dict(train_dataset=data["train"], eval_dataset=strided(data["validation"], rec["eval_blocks"]),
@@ -107,10 +151,27 @@ def trainer_for(method: str, seed: int, rec: dict[str, Any], run_dir: Path, data
     extra = METHODS[method]
     if extra is None:
         return Trainer(child, lm_args(**run), **common)
+    pairs = layer_carriers(parent.config.num_hidden_layers, child.config.num_hidden_layers)
+    if "baseline" in extra:
+        return BaselineTrainer(child, lm_args(**run), parent_model=parent, pairs=pairs, **extra["baseline"], **common)
     if extra["hkt_carriers"] == LAYERS:
-        extra = dict(extra, hkt_carriers=layer_carriers(parent.config.num_hidden_layers,
-                                                        child.config.num_hidden_layers))
+        extra = dict(extra, hkt_carriers=pairs)
     return HKTTrainer(child, lm_args(HKTTrainingArguments, **run, **extra), parent_model=parent, **common)
+
+
+def block_perplexity(model: torch.nn.Module, blocks, batch_size: int = 32) -> tuple[float, int]:
+    """Perplexity over every block of `blocks` (the last partial batch included, unlike the recipe's drop-last
+    Trainer loaders) and the number of blocks scored. Every block has the same length, so the mean of the
+    per-block mean token losses, weighted by rows, is the per-token mean."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(blocks), batch_size):
+            batch = blocks[start:start + batch_size]
+            ids = batch["input_ids"].to(model.device)
+            loss = model(input_ids=ids, labels=batch["labels"].to(model.device), use_cache=False).loss
+            total, count = total + loss.item() * len(ids), count + len(ids)
+    return math.exp(total / count), count
 
 
 def history(trainer: Trainer) -> dict[str, Any]:
@@ -126,11 +187,80 @@ def history(trainer: Trainer) -> dict[str, Any]:
     return {"validation_curve": curve, "gates": gates}
 
 
+def run_one(method: str, seed: int, lr: float, steps: int, rec: dict[str, Any], run_dir: Path, data, tokenizer,
+            parent) -> dict[str, Any]:
+    """Train one child, score it on the validation subset and every test block, save it with its trainer's card."""
+    run_start = time.perf_counter()
+    trainer = trainer_for(method, seed, lr, steps, rec, run_dir, data, tokenizer, parent)
+    trainer.train()
+    train_s = time.perf_counter() - run_start
+    validation, _ = block_perplexity(trainer.model, strided(data["validation"], rec["eval_blocks"]))
+    test, test_blocks = block_perplexity(trainer.model, data["test"])
+    trainer.save_model()
+    trainer.create_model_card(model_name=f"python-stdlib-llama-child-{method}", language="code",
+                              tags=["llama", "python", method], dataset=DATASET, tasks="text-generation")
+    set_license(run_dir / "README.md")
+    return {"method": method, "seed": seed, "lr": lr, "steps": steps, "child_init": rec["child_init"],
+            "settings": METHODS[method], "validation_perplexity": validation, "test_perplexity": test,
+            "test_blocks": test_blocks, "train_s": train_s, "step_s": train_s / steps,
+            "run_s": time.perf_counter() - run_start, **history(trainer)}
+
+
+# ---- protocol ---------------------------------------------------------------------------------------------------
+
+
+def run_key(method: str, lr: float, seed: int, steps: int, base_steps: int) -> str:
+    return f"{method}/lr{lr:g}/seed{seed}" + ("" if steps == base_steps else f"/steps{steps}")
+
+
+def ensure(log: RunLog, key: str, run: Callable[[], dict[str, Any]]) -> None:
+    """Run and log `key` unless the log holds it already."""
+    if log.finished(key):
+        print(f"skip {key}: already in {log.path}", flush=True)
+        return
+    print(f"run {key}", flush=True)
+    log.add_run(key, **run())
+    print(f"done {key}", flush=True)
+
+
+def choose_rates(runs: Iterable[dict[str, Any]], base_steps: int) -> dict[str, float]:
+    """Per method, the rate of its seed-0 sweep run (`base_steps`) with the lowest final validation perplexity."""
+    best: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        if run["seed"] == 0 and run["steps"] == base_steps:
+            if run["method"] not in best or run["validation_perplexity"] < best[run["method"]]["validation_perplexity"]:
+                best[run["method"]] = run
+    return {method: run["lr"] for method, run in best.items()}
+
+
+def chosen_runs(runs: Iterable[dict[str, Any]], rates: dict[str, float], steps: int) -> dict[str, list[dict]]:
+    """Per method, its runs at its chosen rate and `steps`, ranked on mean validation perplexity (best first)."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        if run["steps"] == steps and rates.get(run["method"]) == run["lr"]:
+            rows.setdefault(run["method"], []).append(run)
+    return dict(sorted(rows.items(), key=lambda kv: statistics.fmean(r["validation_perplexity"] for r in kv[1])))
+
+
+def protocol(log: RunLog, methods: list[str], lrs: list[float], seeds: list[int], steps: int, top: int | None,
+             run: Callable[[str, float, int, int], dict[str, Any]]) -> None:
+    """The sweep on seed 0 at the recipe's steps, then `seeds` of every method (or of the `top` best on validation)
+    at its chosen rate for `steps` steps; finished runs are skipped."""
+    base = log.recipe["steps"]
+    for method in methods:
+        for lr in lrs:
+            ensure(log, run_key(method, lr, 0, base, base), lambda: run(method, lr, 0, base))
+    rates = choose_rates(log.runs.values(), base)
+    ranked = [m for m in chosen_runs(log.runs.values(), rates, base) if m in methods]
+    for seed in seeds:
+        for method in ranked[:top] if top else methods:
+            lr = rates[method]
+            ensure(log, run_key(method, lr, seed, steps, base), lambda: run(method, lr, seed, steps))
+
+
 def run_all(opts: argparse.Namespace, argv: list[str]) -> Path:
     settings = dict(QUICK if opts.quick else FULL)
-    if opts.steps:
-        settings["steps"] = opts.steps
-    rec = recipe(settings)
+    rec = recipe(settings, opts.child_init)
     out: Path = opts.out or (opts.cache / "quick-results" if opts.quick else RESULTS)
     log = RunLog.open(out / LOG_NAME, rec)
     finish = log.start_command("benchmarks/language_model.py", argv)
@@ -140,64 +270,92 @@ def run_all(opts: argparse.Namespace, argv: list[str]) -> Path:
     log.set_reference("parent", {**info, "folder": log.relative(opts.cache / f"parent-{settings['sizes'].key()}")})
     log.set_reference("blocks", {split: len(ds) for split, ds in data.items()})
 
+    def run(method: str, lr: float, seed: int, steps: int) -> dict[str, Any]:
+        run_dir = opts.cache / "runs" / out.name / run_key(method, lr, seed, steps, rec["steps"])
+        record = run_one(method, seed, lr, steps, rec, run_dir, data, tokenizer, parent)
+        return {**record, "folder": log.relative(run_dir)}
 
-    def run(method: str, seed: int) -> dict[str, Any]:
-        run_dir = opts.cache / "runs" / out.name / method / f"seed{seed}"
-        return {**run_one(method, seed, rec, run_dir, data, tokenizer, parent), "folder": log.relative(run_dir)}
-
-    run_missing(log, opts.seeds, opts.methods, run)
+    protocol(log, opts.methods, opts.lrs or [settings["sizes"].lr], opts.seeds, opts.steps or rec["steps"], opts.top,
+             run)
     finish()
     report(out, opts.cache)
     return log.path
 
 
-def run_one(method: str, seed: int, rec: dict[str, Any], run_dir: Path, data, tokenizer, parent) -> dict[str, Any]:
-    """Train one child, score it on the test blocks and save it with the card of the package's trainer."""
-    run_start = time.perf_counter()
-    trainer = trainer_for(method, seed, rec, run_dir, data, tokenizer, parent)
-    trainer.train()
-    train_s = time.perf_counter() - run_start
-    test = perplexity(trainer.evaluate(data["test"], metric_key_prefix="test"), "test")
-    trainer.save_model()
-    trainer.create_model_card(model_name=f"python-stdlib-llama-child-{method}", language="code",
-                              tags=["llama", "python", method],
-                              dataset=DATASET, tasks="text-generation")
-    set_license(run_dir / "README.md")
-    return {"method": method, "seed": seed, "settings": METHODS[method], "test_perplexity": test, "train_s": train_s,
-            "run_s": time.perf_counter() - run_start, **history(trainer)}
-
-
 # ---- report ---------------------------------------------------------------------------------------------------
 
 
-def final(series: list[list[float]]) -> float:
-    return series[-1][1]
+def complete(run: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
+    """A run of a log made before the rate protocol, with its rate and steps (the recipe's) and, as its validation
+    perplexity, the last point of its curve (256 blocks, a multiple of the eval batch: none dropped)."""
+    return {"lr": rec["sizes"]["lr"], "steps": rec["steps"],
+            "validation_perplexity": run["validation_curve"][-1][1], **run}
 
 
-def summarise(log: RunLog) -> dict[str, dict[str, Any]]:
-    """Per method: seeds, test perplexities (`values`), mean and sample std, mean seconds per run, and per carrier
-    the last logged gate mean and mixing weight of each seed."""
-    rows = by_method(log.runs.values(), "test_perplexity", METHODS)
-    for method, row in rows.items():
-        row["gates"] = {}
-        for run in (r for r in log.runs.values() if r["method"] == method):
-            for carrier, stats in run["gates"].items():
-                for stat, series in stats.items():
-                    row["gates"].setdefault(carrier, {}).setdefault(stat, []).append(final(series))
-    return rows
+def mean_text(values: list[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.2f} +- {std:.2f}"
+
+
+def gates_text(runs: list[dict[str, Any]]) -> str:
+    """Per carrier: the last logged mean gate a and mixing weight, averaged over the runs."""
+    stats: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        for carrier, series in run.get("gates", {}).items():
+            for stat, points in series.items():
+                stats.setdefault(carrier, {}).setdefault(stat, []).append(points[-1][1])
+    return "; ".join(f"`{c}`: {statistics.fmean(s['gate_mean']):.3f} / {statistics.fmean(s['mix_weight_mean']):.3f}"
+                     for c, s in stats.items()) or "-"
+
+
+def ranked_table(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    lines = ["| rank | method | rate | n | validation perplexity | test perplexity | s / step | final gate a / mixing "
+             "weight |", "|---|---|---|---|---|---|---|---|"]
+    for rank, (method, runs) in enumerate(rows.items(), 1):
+        lines.append(f"| {rank} | {DESCRIPTIONS.get(method, method)} (`{method}`) | {runs[0]['lr']:g} | {len(runs)} | "
+                     f"{mean_text([r['validation_perplexity'] for r in runs])} | "
+                     f"{mean_text([r['test_perplexity'] for r in runs])} | "
+                     f"{statistics.fmean(r['train_s'] / r['steps'] for r in runs):.2f} | {gates_text(runs)} |")
+    return lines
+
+
+def sweep_table(runs: list[dict[str, Any]], base_steps: int, rates: dict[str, float]) -> list[str]:
+    """Validation perplexity of every seed-0 run of the sweep, method by rate (the chosen rate in bold)."""
+    sweep = [r for r in runs if r["seed"] == 0 and r["steps"] == base_steps]
+    lrs = sorted({r["lr"] for r in sweep})
+    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    for method in dict.fromkeys(r["method"] for r in sweep):
+        cells = {r["lr"]: r["validation_perplexity"] for r in sweep if r["method"] == method}
+        lines.append(f"| `{method}` | " + " | ".join(
+            "-" if lr not in cells else f"**{cells[lr]:.2f}**" if lr == rates[method] else f"{cells[lr]:.2f}"
+            for lr in lrs) + " |")
+    return lines
+
+
+def edge_choices(runs: list[dict[str, Any]], base_steps: int, rates: dict[str, float]) -> list[str]:
+    """The methods whose chosen rate is the lowest or highest of the (more than two) rates they were swept at."""
+    swept: dict[str, set[float]] = {}
+    for run in runs:
+        if run["seed"] == 0 and run["steps"] == base_steps:
+            swept.setdefault(run["method"], set()).add(run["lr"])
+    return [f"`{m}` ({rates[m]:g})" for m, lrs in swept.items() if len(lrs) > 2 and rates[m] in (min(lrs), max(lrs))]
 
 
 def markdown_table(log: RunLog) -> str:
     rec, parent = log.recipe, log.reference.get("parent", {})
-    sizes = rec["sizes"]
-    lines = ["| method | seeds | test perplexity (mean +- std) | per seed | final gate a / mixing weight | s / run |",
-             "|---|---|---|---|---|---|"]
-    for method, row in summarise(log).items():
-        per_seed = ", ".join(f"{p:.2f}" for _, p in sorted(zip(row["seeds"], row["values"])))
-        gates = "; ".join(f"`{c}`: {statistics.fmean(s['gate_mean']):.3f} / "
-                          f"{statistics.fmean(s['mix_weight_mean']):.3f}" for c, s in row["gates"].items()) or "-"
-        lines.append(f"| {DESCRIPTIONS[method]} | {len(row['values'])} | {row['mean']:.2f} +- {row['std']:.2f} | "
-                     f"{per_seed} | {gates} | {row['mean_train_s']:.0f} |")
+    sizes, base = rec["sizes"], rec["steps"]
+    runs = [complete(r, rec) for r in log.runs.values()]
+    rates = choose_rates(runs, base)
+    lines = [f"Ranked on validation perplexity at {base} steps (each method at its chosen rate; mean +- std over "
+             "seeds); test perplexity reported, never used to choose.", "",
+             *ranked_table(chosen_runs(runs, rates, base))]
+    for steps in sorted({r["steps"] for r in runs} - {base}):
+        lines += ["", f"At {steps} steps (the rate chosen at {base}):", "",
+                  *ranked_table(chosen_runs(runs, rates, steps))]
+    lines += ["", "Rate sweep (seed 0, validation perplexity; bold: chosen):", "", *sweep_table(runs, base, rates)]
+    edge = edge_choices(runs, base, rates)
+    if edge:
+        lines += ["", f"Chosen at the edge of the sweep (extend it with one more rate beyond): {', '.join(edge)}."]
     if parent:
         lines += ["", f"Parent ({sizes['parent_layers']} layers, hidden {sizes['parent_hidden']}, {parent['params']:,} "
                       f"parameters, plain `Trainer`, {parent['steps']} steps, {parent['train_s']:.0f} s): validation "
@@ -207,14 +365,12 @@ def markdown_table(log: RunLog) -> str:
     lines += [
         "",
         f"Recipe: tokenizer byte-level BPE, {sizes['vocab_size']} tokens, trained on the train split; blocks of "
-        f"{sizes['block_size']} tokens ({blocks_text}); child = a third of the parent's layers, half its width; "
-        f"{rec['steps']} optimizer steps per child run, batch {sizes['batch_size']}, lr {sizes['lr']}, "
-        f"{rec['schedule']}, fp32. Validation perplexity every {rec['eval_every']} steps on {rec['eval_blocks']} "
-        "strided validation blocks (curve only); test perplexity on every test block, once, after the last step. "
-        "Gate columns: the last logged mean gate a and mixing weight per carrier, averaged over seeds. "
-        "s / run: training seconds including the periodic validation.",
-        "",
-        f"Sizing: {SIZING}.",
+        f"{sizes['block_size']} tokens ({blocks_text}); child: {CHILD_INITS[rec.get('child_init', 'random')]}; "
+        f"{base} optimizer steps per sweep run, batch {sizes['batch_size']}, {rec['schedule']}, fp32. Validation "
+        f"perplexity on {rec['eval_blocks']} strided validation blocks (every {rec['eval_every']} steps for the curve, "
+        "and once after the last step: what ranks and chooses); test perplexity on every test block, once, after the "
+        "last step. Gate columns: the last logged mean gate a and mixing weight per carrier, averaged over seeds. "
+        "s / step: training seconds (periodic validation included) over steps.",
         "",
         commands_line(log.commands.values()),
         *notes_lines(log.runs),
@@ -223,15 +379,17 @@ def markdown_table(log: RunLog) -> str:
 
 
 def plot(log: RunLog, path: Path) -> None:
-    """Validation perplexity against step, mean over seeds per method, with the parent's as a line."""
+    """Validation perplexity against step at the sweep's budget, mean over seeds per method at its chosen rate, with
+    the parent's as a line."""
     import matplotlib.pyplot as plt
 
+    runs = [complete(r, log.recipe) for r in log.runs.values()]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in summarise(log):
-        curves = [r["validation_curve"] for r in log.runs.values() if r["method"] == method]
+    for method, chosen in chosen_runs(runs, choose_rates(runs, log.recipe["steps"]), log.recipe["steps"]).items():
+        curves = [r["validation_curve"] for r in chosen]
         steps = [s for s, _ in curves[0]]
         mean = [statistics.fmean(c[i][1] for c in curves) for i in range(len(steps))]
-        ax.plot(steps, mean, marker=".", label=f"{method} (n={len(curves)})",
+        ax.plot(steps, mean, marker=".", label=f"{method} (n={len(curves)}, lr {chosen[0]['lr']:g})",
                 linestyle="-" if method.startswith("hkt") else "--")
     parent = log.reference.get("parent")
     if parent:
@@ -240,20 +398,21 @@ def plot(log: RunLog, path: Path) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation perplexity (subset)")
     ax.set_title("Llama child on python-stdlib: validation perplexity, mean over seeds")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def report(out: Path, cache: Path) -> None:
-    """Table and plot from `<out>/language_model.jsonl`; the best child's folder (with its card) copied to
-    `<cache>/best-child-<out name>` when its run folder is on this machine."""
+    """Table and plot from `<out>/language_model.jsonl`; the best child on validation (its folder, with its card)
+    copied to `<cache>/best-child-<out name>` when its run folder is on this machine."""
     log = RunLog.read(out / LOG_NAME)
-    write_report(out, "language_model", "Causal language model on python-stdlib: test perplexity", markdown_table(log),
-                 lambda path: plot(log, path))
+    write_report(out, "language_model", "Causal language model on python-stdlib: perplexity at each method's rate",
+                 markdown_table(log), lambda path: plot(log, path))
     if log.runs:
-        best = log.resolve(min(log.runs.values(), key=lambda r: r["test_perplexity"])["folder"])
+        runs = [complete(r, log.recipe) for r in log.runs.values()]
+        best = log.resolve(min(runs, key=lambda r: r["validation_perplexity"])["folder"])
         if best.is_dir():
             shutil.copytree(best, cache / f"best-child-{out.name}", dirs_exist_ok=True)
     print(markdown_table(log))
@@ -263,7 +422,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser(__doc__.split("\n\n")[0], METHODS, METHODS, CACHE / "language_model",
                               "tiny sizes: a smoke run")
     parser.add_argument("--data_dir", type=Path, default=DATA_DIR, help="the python-stdlib parquet folder")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None,
+                        help="rates of the seed-0 sweep (default: the parent's rate only, no sweep)")
+    parser.add_argument("--top", type=int, default=None, help="run the seeds of the K best methods on validation only")
+    parser.add_argument("--child-init", dest="child_init", choices=list(CHILD_INITS), default="random",
+                        help="the child (part of the recipe: one results folder per choice)")
+    next(a for a in parser._actions if a.dest == "steps").help = (
+        "steps of the seed runs (default: the recipe's; the rate is the one chosen at the recipe's steps)")
     opts = parser.parse_args(argv)
+    if opts.top is not None and opts.top < 1:
+        parser.error("--top must be at least 1")
+    if opts.lrs and (min(opts.lrs) <= 0 or len(set(opts.lrs)) != len(opts.lrs)):
+        parser.error(f"--lrs must be distinct positive rates, got {opts.lrs}")
+    if opts.steps is not None and opts.steps < 1:
+        parser.error(f"--steps must be at least 1, got {opts.steps}")
     return run_or_report(opts, argv, run_all, lambda out: report(out, opts.cache))
 
 

@@ -383,24 +383,27 @@ def assert_hub_card(path: Path, tag: str) -> None:
 @pytest.mark.skipif(not (LM_CORPUS / "train.parquet").is_file(),
                     reason=f"needs the python-stdlib corpus in ../shared ({LM_CORPUS}), absent here")
 def test_language_model_quick_writes_resumable_results(tmp_path, capsys):
-    """In-process and four of the methods (plain, KD, two carriers, a trainable gate), to stay under a minute on a
-    busy 2-core machine; the re-run skips the finished runs."""
+    """In-process and four of the methods (plain, a hint baseline, two carriers, a trainable gate) at one rate, to
+    stay under a minute on a busy 2-core machine; the re-run skips the finished runs."""
     import language_model
 
     out, cache = tmp_path / "results", tmp_path / "cache"
-    methods = ["child", "kd", "hkt-layers", "hkt-learned"]
+    methods = ["child", "hint+kd", "hkt-layers", "hkt-learned"]
     with one_torch_thread():
         language_model.main(["--quick", "--out", str(out), "--cache", str(cache), "--methods", *methods])
     log = harness.RunLog.read(out / "language_model.jsonl")
     results = {"runs": log.runs, "recipe": log.recipe, "reference": log.reference}
-    assert set(results["runs"]) == {f"{m}/seed0" for m in methods}
+    assert set(results["runs"]) == {f"{m}/lr0.003/seed0" for m in methods}  # the quick recipe's rate: no sweep
     for run in results["runs"].values():
         assert math.isfinite(run["test_perplexity"]) and run["test_perplexity"] > 1 and run["train_s"] > 0
+        assert run["validation_perplexity"] > 1 and (run["lr"], run["steps"]) == (0.003, results["recipe"]["steps"])
+        assert run["test_blocks"] == results["reference"]["blocks"]["test"]  # every test block, none dropped
+        assert run["step_s"] == pytest.approx(run["train_s"] / run["steps"]) and run["commit"]
         assert len(run["validation_curve"]) == results["recipe"]["steps"] // results["recipe"]["eval_every"]
         assert bool(run["gates"]) == run["method"].startswith("hkt")
-    gates = results["runs"]["hkt-learned/seed0"]["gates"]["lm_head:input=lm_head:input"]
+    gates = results["runs"]["hkt-learned/lr0.003/seed0"]["gates"]["lm_head:input=lm_head:input"]
     assert 0.0 <= gates["gate_mean"][-1][1] <= 1.0 and gates["mix_weight_mean"][-1][1] >= 0.0
-    assert set(results["runs"]["hkt-layers/seed0"]["gates"]) == {"model.layers.2=model.layers.0"}
+    assert set(results["runs"]["hkt-layers/lr0.003/seed0"]["gates"]) == {"model.layers.2=model.layers.0"}
     assert results["reference"]["parent"]["test_perplexity"] > 1
     assert "| 1 |" in (out / "language_model.md").read_text()
     assert (out / "language_model.png").stat().st_size > 0
@@ -414,7 +417,155 @@ def test_language_model_quick_writes_resumable_results(tmp_path, capsys):
 
     capsys.readouterr()
     with one_torch_thread():
-        language_model.main(["--quick", "--out", str(out), "--cache", str(cache), "--methods", "child", "kd"])
+        language_model.main(["--quick", "--out", str(out), "--cache", str(cache), "--methods", "child", "hint+kd"])
     again = capsys.readouterr().out
-    assert "skip child/seed0" in again and "skip kd/seed0" in again
+    assert "skip child/lr0.003/seed0" in again and "skip hint+kd/lr0.003/seed0" in again
     assert harness.RunLog.read(out / "language_model.jsonl").runs == results["runs"]
+
+
+# ---- the language-model protocol and its baselines (issue 24) ---------------------------------------------------
+
+
+def tiny_llama(hidden: int, layers: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=hidden, intermediate_size=2 * hidden,
+                                        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                                        max_position_embeddings=16, tie_word_embeddings=True))
+
+
+def token_blocks(n: int, seed: int = 0):
+    from datasets import Dataset
+
+    ids = torch.randint(0, 40, (n, 12), generator=torch.Generator().manual_seed(seed)).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids}).with_format("torch")
+
+
+BASELINES = {"hint+kd": dict(hint="mse", kd_weight=1.0), "hint-cos+kd": dict(hint="cosine", kd_weight=1.0),
+             "stitch": dict(stitch=True)}
+
+
+@pytest.mark.parametrize("method", sorted(BASELINES))
+def test_each_baseline_trains_its_projection_and_child_with_the_parent_frozen(tmp_path, method):
+    import baselines
+    from transformers import TrainingArguments, default_data_collator
+
+    parent, child = tiny_llama(32, 4), tiny_llama(16, 2, seed=1)
+    parent_before = {k: v.clone() for k, v in parent.state_dict().items()}
+    child_before = {k: v.clone() for k, v in child.state_dict().items()}
+    args = TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                             use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True)
+    trainer = baselines.BaselineTrainer(child, args, parent_model=parent, train_dataset=token_blocks(12),
+                                        data_collator=default_data_collator,
+                                        pairs=["model.layers.1=model.layers.0", "model.layers.3=model.layers.1"],
+                                        **BASELINES[method])
+    projections = [p.detach().clone() for p in trainer.projections.parameters()]
+    with one_torch_thread():
+        trainer.train()
+    assert len(projections) == 4  # one Linear (weight, bias) per pair
+    assert all(not torch.equal(a, b) for a, b in zip(projections, trainer.projections.parameters()))
+    assert any(not torch.equal(v, child.state_dict()[k]) for k, v in child_before.items())
+    assert all(torch.equal(v, parent.state_dict()[k]) for k, v in parent_before.items())
+    assert all(p.requires_grad for p in parent.parameters()) and parent.training  # given back as it came
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_the_baselines_kd_term_is_the_packages_kd():
+    """hint weight 0: the baseline's loss on a batch is the package's KD baseline's (HKTTrainer, weights [1, 0, 0])."""
+    import baselines
+    from comparison import kd_settings
+    from transformers import TrainingArguments, default_data_collator
+
+    from hkt_hf import HKTTrainer, HKTTrainingArguments
+
+    parent, child = tiny_llama(32, 4), tiny_llama(16, 2, seed=1)
+    common = dict(output_dir="unused", use_cpu=True, report_to="none", per_device_train_batch_size=4)
+    batch = default_data_collator([token_blocks(4)[i] for i in range(4)])
+    ours = baselines.BaselineTrainer(child, TrainingArguments(**common), parent_model=parent, pairs=[],
+                                     kd_weight=0.5, kd_temperature=2.0)
+    package = HKTTrainer(child, HKTTrainingArguments(**common, **kd_settings(0.5, 2.0)), parent_model=parent,
+                         train_dataset=token_blocks(4))
+    package._ensure_adapter(child, batch)  # what its train() does before the first step
+    child.train()
+    with torch.no_grad():
+        expected, got = package.compute_loss(child, dict(batch)), ours.compute_loss(child, dict(batch))
+    torch.testing.assert_close(got, expected)
+
+
+def fake_lm_run(calls: list, validation: dict):
+    """A stand-in for a training run: records the call, and its validation perplexity is `validation[(method, lr)]`
+    (less a little per seed and per step, so every run differs)."""
+
+    def run(method: str, lr: float, seed: int, steps: int) -> dict:
+        calls.append((method, lr, seed, steps))
+        score = validation[method, lr] - 0.1 * seed - steps / 1000
+        return {"method": method, "lr": lr, "seed": seed, "steps": steps, "validation_perplexity": score,
+                "test_perplexity": score + 5, "train_s": 1.0}
+
+    return run
+
+
+def test_each_method_gets_the_rate_of_its_best_validation_then_its_seeds_and_a_rerun_skips_finished_runs(tmp_path):
+    import language_model as lm
+
+    validation = {("kd", 1e-3): 50.0, ("kd", 3e-3): 40.0, ("kd", 1e-2): 45.0,  # best in the middle
+                  ("hint+kd", 1e-3): 30.0, ("hint+kd", 3e-3): 35.0, ("hint+kd", 1e-2): 90.0}  # best at the edge
+    calls: list = []
+    log = harness.RunLog.open(tmp_path / "lm.jsonl", {"steps": 10})
+    lm.protocol(log, ["kd", "hint+kd"], [1e-3, 3e-3, 1e-2], [0, 1], 10, None, fake_lm_run(calls, validation))
+    rates = lm.choose_rates(log.runs.values(), 10)
+    assert rates == {"kd": 3e-3, "hint+kd": 1e-3}
+    assert lm.edge_choices(list(log.runs.values()), 10, rates) == ["`hint+kd` (0.001)"]  # the report asks for more
+    assert calls[6:] == [("kd", 3e-3, 1, 10), ("hint+kd", 1e-3, 1, 10)]  # seed 0 at the chosen rate: the sweep's
+    assert set(log.runs) == {f"{m}/lr{lr:g}/seed0" for m, lr in validation} | {"kd/lr0.003/seed1",
+                                                                                 "hint+kd/lr0.001/seed1"}
+
+    calls.clear()  # again, with the longer runs of the best method only
+    log = harness.RunLog.open(tmp_path / "lm.jsonl", {"steps": 10})
+    lm.protocol(log, ["kd", "hint+kd"], [1e-3, 3e-3, 1e-2], [0, 1], 40, 1, fake_lm_run(calls, validation))
+    assert calls == [("hint+kd", 1e-3, 0, 40), ("hint+kd", 1e-3, 1, 40)]
+    assert {"hint+kd/lr0.001/seed0/steps40", "hint+kd/lr0.001/seed1/steps40"} < set(log.runs)
+    ranked = lm.chosen_runs(log.runs.values(), lm.choose_rates(log.runs.values(), 10), 10)
+    assert list(ranked) == ["hint+kd", "kd"] and [len(r) for r in ranked.values()] == [2, 2]
+    table = lm.ranked_table(ranked)
+    assert "| 1 | " in table[2] and "`hint+kd`" in table[2] and "| 0.001 | 2 | 29.94 +- 0.07 |" in table[2]
+
+
+def test_test_perplexity_counts_every_block_even_a_partial_last_batch():
+    import language_model as lm
+
+    model, blocks = tiny_llama(16, 1), token_blocks(5)
+    model.eval()
+    with torch.no_grad():
+        losses = [model(input_ids=b["input_ids"][None], labels=b["labels"][None]).loss.item() for b in blocks]
+    perplexity, count = lm.block_perplexity(model, blocks, batch_size=2)  # batches of 2, 2 and 1
+    assert count == 5
+    assert perplexity == pytest.approx(math.exp(sum(losses) / 5), rel=1e-5)
+    assert perplexity != pytest.approx(math.exp(sum(losses[:4]) / 4), rel=1e-5)  # what a drop-last loader gives
+
+
+def test_a_child_from_the_parents_layers_holds_every_kth_layer_and_the_embeddings():
+    import language_model as lm
+
+    parent = tiny_llama(16, 6)
+    child = lm.new_child(parent, seed=3, init="parent-layers")
+    assert child.config.num_hidden_layers == 2 and child.config.hidden_size == parent.config.hidden_size
+    for j, source in ((0, 0), (1, 3)):
+        for name, tensor in child.model.layers[j].state_dict().items():
+            assert torch.equal(tensor, parent.model.layers[source].state_dict()[name]), (j, name)
+    assert torch.equal(child.model.embed_tokens.weight, parent.model.embed_tokens.weight)
+    assert torch.equal(child.model.norm.weight, parent.model.norm.weight)
+    same_width = lm.new_child(parent, seed=3, init="same-width")
+    assert same_width.config.to_dict() == child.config.to_dict()
+    assert not torch.equal(same_width.model.layers[0].mlp.up_proj.weight, child.model.layers[0].mlp.up_proj.weight)
+    assert lm.new_child(parent, seed=3, init="random").config.hidden_size == parent.config.hidden_size // 2
+
+
+@pytest.mark.parametrize("bad", [["--lrs", "0", "1e-3"], ["--lrs", "1e-3", "1e-3"], ["--top", "0"], ["--steps", "0"]])
+def test_the_protocol_refuses_bad_options_before_anything_runs(tmp_path, bad, capsys):
+    import language_model
+
+    with pytest.raises(SystemExit):
+        language_model.main(["--quick", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "c"), *bad])
+    assert bad[0] in capsys.readouterr().err and not (tmp_path / "out").exists()
