@@ -15,13 +15,14 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
+from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import send_to_device
 from torch import nn
 from transformers import PreTrainedModel, Seq2SeqTrainer
 from transformers.utils import logging
 
 from .adapter import HKTAdapter, get_adapter, inject_adapter, load_adapter_state, remove_adapter, save_adapter_state
-from .carriers import resolve_carriers
+from .carriers import CarrierPair, resolve_carriers
 from .checkpointing import CheckpointCommitCallback, resolve_resume_checkpoint
 from .extraction import base_of
 from .lineage import lineage_record, write_lineage
@@ -108,8 +109,6 @@ class HKTTrainer(ResumeWithWeightConversion):
                 f"{type(self).__name__} needs HKTTrainingArguments, got {type(args).__name__}: replace "
                 "`TrainingArguments(...)` with `HKTTrainingArguments(...)` (same fields, plus the hkt_* ones)."
             )
-        if model is None:
-            raise ValueError("HKTTrainer needs the child `model`; `model_init` is not supported.")
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         parent = self._load_parent(parent_model if parent_model is not None else self.args.hkt_parent)
         parent_name = parent_model if isinstance(parent_model, str) else self.args.hkt_parent
@@ -117,8 +116,7 @@ class HKTTrainer(ResumeWithWeightConversion):
             parent_name = getattr(getattr(base_of(parent), "config", None), "_name_or_path", None) or None
         self.parent_name = parent_name or type(base_of(parent)).__name__
         check_finite_weights(parent, self.parent_name)
-        check_compatible(parent, self.model)
-        self.carriers = resolve_carriers(self.args.hkt_carriers, parent, self.model)
+        self.carriers = self._carriers_for(parent, self.model)
         # Under ZeRO-3 `parent_engine` owns the parent's partitions and gather hooks; None otherwise.
         self.parent_model, self.parent_engine = place_parent(parent, self.accelerator, self.args.device)
         self.hkt_lineage = lineage_record(
@@ -127,13 +125,16 @@ class HKTTrainer(ResumeWithWeightConversion):
         )
         if self.args.hkt_on_nonfinite == "skip" and self.args.world_size > 1:
             raise ValueError("hkt_on_nonfinite='skip' works in a single process only; use 'stop' with several.")
-        if hasattr(self.model, "add_model_tags"):
-            self.model.add_model_tags(self._tag_names)
+        self._tag(self.model)
         self.add_callback(CheckpointCommitCallback())
         self.hkt_adapter: HKTAdapter | None = None
         self.hkt_skipped_batches = 0
         self._objective: HKTObjective | None = None
         self._hkt_logs: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._resume_adapter_from: str | None = None
+        if self.train_dataset is not None:  # else at the start of train(): before any optimizer exists either way
+            self._build_adapter(self.model)
+            self._include_adapter_in_optimizer()
 
     # ---- parent -------------------------------------------------------------------------------------------
 
@@ -148,34 +149,103 @@ class HKTTrainer(ResumeWithWeightConversion):
             parent = load_parent(parent, self.model, self.args.hkt_parent_revision, self.args.hkt_parent_init_kwargs)
         return parent
 
+    def _carriers_for(self, parent: nn.Module, child: nn.Module) -> list[CarrierPair]:
+        """The carriers between `parent` and `child`, once the parent is known to be able to teach this child."""
+        check_compatible(parent, child)
+        return resolve_carriers(self.args.hkt_carriers, parent, child)
+
+    def _tag(self, child: nn.Module) -> None:
+        if hasattr(child, "add_model_tags"):
+            child.add_model_tags(self._tag_names)
+
     # ---- adapter ------------------------------------------------------------------------------------------
 
-    def _ensure_adapter(self, child: nn.Module, inputs: dict[str, Any]) -> HKTAdapter:
-        """Attach the run's adapter: built once from the carrier shapes seen on `inputs`, then reused by every later
-        `train()` so the optimizer (which the Trainer keeps between calls) and the adapter always agree."""
-        adapter = get_adapter(child)
-        if adapter is not None and self._objective is not None:
-            return adapter
-        replay = head_replay_possible(self.carriers, self.parent_model, child)
-        with self.accelerator.autocast():  # as the training step runs
-            parent_shapes, child_shapes, replay = probe(self.parent_model, child, self.carriers, inputs, replay)
-        if self.hkt_adapter is None:
-            self.hkt_adapter = HKTAdapter(
-                self.carriers, parent_shapes, child_shapes, self.args.hkt_gate, self.args.hkt_lambda
-            )
-            self.hkt_adapter.to(device=self.args.device, dtype=next(child.parameters()).dtype)
-        if adapter is not self.hkt_adapter:
-            inject_adapter(child, self.hkt_adapter)
-        native_replay = (  # the native term from the replayed head only where it is the Trainer's own loss
-            replay and self.label_smoother is None and self.compute_loss_func is None
-            and self.model_accepts_loss_kwargs and own_loss_replayable(child, self.carriers[0].child, inputs)
-        )
-        self._objective = HKTObjective(self.parent_model, self.carriers, self.args, replay, native_replay)
-        return self.hkt_adapter
+    def _build_adapter(self, child: nn.Module) -> HKTAdapter:
+        """Build the adapter for `child` from the carrier shapes of one probe of the first training batch, attach it
+        (so that every optimizer made from now on sees its parameters) and make the step's objective.
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        The batch is drawn, and the aligners initialised, on a fork of the random state: training then draws what the
+        plain Trainer draws (dropout, data order)."""
+        devices = [self.args.device] if self.args.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            inputs = send_to_device(next(iter(self.get_train_dataloader())), self.args.device)
+            replay = head_replay_possible(self.carriers, self.parent_model, child)
+            with self.accelerator.autocast():  # as the training step runs
+                parent_shapes, child_shapes, replay = probe(self.parent_model, child, self.carriers, inputs, replay)
+            native_replay = (  # the native term from the replayed head only where it is the Trainer's own loss
+                replay and self.label_smoother is None and self.compute_loss_func is None
+                and self.model_accepts_loss_kwargs and own_loss_replayable(child, self.carriers[0].child, inputs)
+            )
+            adapter = HKTAdapter(self.carriers, parent_shapes, child_shapes, self.args.hkt_gate, self.args.hkt_lambda)
+        adapter.to(device=self.args.device, dtype=next(child.parameters()).dtype)
+        inject_adapter(child, adapter)
+        self.hkt_adapter = adapter
+        self._objective = HKTObjective(self.parent_model, self.carriers, self.args, replay, native_replay)
+        return adapter
+
+    def _include_adapter_in_optimizer(self) -> None:
+        """A user's optimizer (`optimizers=(optimizer, ...)`, made before the adapter existed) gets the adapter's
+        trainable parameters as a group of its own with its defaults; with a user's scheduler too it is refused, since
+        that scheduler was built without the group. Optimizers the Trainer made (prepared by Accelerate) hold them."""
+        optimizer = self.optimizer
+        if optimizer is None or isinstance(optimizer, AcceleratedOptimizer) or self.hkt_adapter is None:
+            return
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [p for p in self.hkt_adapter.parameters() if p.requires_grad and id(p) not in held]
+        if not missing:
+            return
+        if self.lr_scheduler is not None:
+            raise ValueError(
+                f"The optimizer given in `optimizers=(optimizer, lr_scheduler)` lacks the {len(missing)} trainable HKT "
+                "adapter parameters (aligners, learned gates), and its scheduler was built without them. Either pass "
+                "`optimizers=(optimizer, None)` (HKTTrainer adds them as a parameter group with the optimizer's "
+                "defaults; the Trainer builds the scheduler from lr_scheduler_type), or "
+                "`optimizer_cls_and_kwargs=(optimizer_class, kwargs)`, or create the trainer first, then the optimizer "
+                "and scheduler over `trainer.model.parameters()` (which then include `hkt_adapter`), and set "
+                "`trainer.optimizer` and `trainer.lr_scheduler`."
+            )
+        optimizer.add_param_group({"params": missing})
+        logger.info(f"Added the {len(missing)} trainable HKT adapter parameters to the user's optimizer as a new group.")
+
+    def call_model_init(self, trial: Any = None) -> nn.Module:
+        """`Trainer.call_model_init`; a child made for a `train()` run gets its own carriers and adapter here, before
+        the Trainer makes its optimizer (and, on a resume, the checkpoint's adapter state)."""
+        child = super().call_model_init(trial)
+        if "parent_model" not in self.__dict__:  # from Trainer.__init__: HKTTrainer.__init__ builds the adapter
+            return child
+        if self.place_model_on_device:  # the Trainer moves it next; the probe needs it there now
+            child = child.to(self.args.device)
+        remove_adapter(self.model)
+        self.carriers = self._carriers_for(self.parent_model, child)
+        self.hkt_lineage.update(hkt_carriers=[str(c) for c in self.carriers],
+                                child_architecture=type(base_of(child)).__name__)
+        self._tag(child)
+        self._load_adapter_state(self._build_adapter(child))
+        return child
+
+    def _load_adapter_state(self, adapter: HKTAdapter) -> None:
+        if self._resume_adapter_from is not None:
+            load_adapter_state(adapter, self._resume_adapter_from)
+
+    def _attach_adapter(self) -> None:
+        """The run's adapter on the child: the one built for it (by `__init__` or a previous `train()`, which the
+        Trainer's optimizer, kept between calls, holds), else built now."""
+        if self.hkt_adapter is None:
+            self._build_adapter(self.model)
+        else:
+            inject_adapter(self.model, self.hkt_adapter)
+        self._load_adapter_state(self.hkt_adapter)
+        self._include_adapter_in_optimizer()
+
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+        **kwargs: Any,
+    ):
         """`Trainer.train`, with the parent frozen and the HKT adapter attached for the run, both undone afterwards,
-        whatever happens.
+        whatever happens. With `model_init`, each run's new child gets a new adapter (`call_model_init`).
 
         `resume_from_checkpoint` only accepts checkpoints whose save completed (see `checkpointing.py`); the adapter
         resumes from the checkpoint's `hkt_adapter.safetensors`.
@@ -188,15 +258,13 @@ class HKTTrainer(ResumeWithWeightConversion):
             # recomputed in it) runs after `compute_loss` has returned.
             stack.enter_context(frozen(self.parent_model, self.args.hkt_parent_mode))
             stack.callback(release_parent_leftovers, self.parent_model, self.parent_engine)
-            with torch.random.fork_rng(devices=[self.args.device] if self.args.device.type == "cuda" else []):
-                batch = next(iter(self.get_train_dataloader()))
-            self._objective = None
-            adapter = self._ensure_adapter(self.model, send_to_device(batch, self.args.device))
-            stack.callback(remove_adapter, self.accelerator.unwrap_model(self.model))
-            if resume_from_checkpoint is not None:
-                load_adapter_state(adapter, resume_from_checkpoint)
+            stack.callback(lambda: remove_adapter(self.accelerator.unwrap_model(self.model)))  # the run's last child
+            self._resume_adapter_from = resume_from_checkpoint
+            stack.callback(setattr, self, "_resume_adapter_from", None)
+            if self.model_init is None:  # else Trainer.train calls `call_model_init`, which builds it
+                self._attach_adapter()
             steps_before, skipped_before = self.state.global_step, self.hkt_skipped_batches
-            output = super().train(resume_from_checkpoint, *args, **kwargs)
+            output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
             self._check_skipped(self.state.global_step - steps_before, self.hkt_skipped_batches - skipped_before)
             return output
 
@@ -223,7 +291,7 @@ class HKTTrainer(ResumeWithWeightConversion):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         child = self.accelerator.unwrap_model(model)
         release_parent_leftovers(self.parent_model, self.parent_engine)  # left by the previous step
-        adapter = self._ensure_adapter(child, inputs)
+        adapter = self._step_adapter()
         skip = self.args.hkt_on_nonfinite == "skip"
         restore = snapshot_buffers(child, self.parent_model) if skip else None
         with frozen(self.parent_model, self.args.hkt_parent_mode):
@@ -244,6 +312,14 @@ class HKTTrainer(ResumeWithWeightConversion):
                 return (zero, None) if return_outputs else zero
         self._record(result)
         return (result.loss, result.outputs) if return_outputs else result.loss
+
+    def _step_adapter(self) -> HKTAdapter:
+        if self.hkt_adapter is None:
+            raise RuntimeError(
+                "HKTTrainer.compute_loss in training mode needs the HKT adapter, built from the first training batch "
+                "before any optimizer: pass train_dataset to HKTTrainer(...), or call trainer.train()."
+            )
+        return self.hkt_adapter
 
     def _run_objective(
         self, model: nn.Module, child: nn.Module, adapter: HKTAdapter, inputs: dict[str, Any],
