@@ -39,6 +39,7 @@ logger = logging.get_logger(__name__)
 
 # A run whose skipped batches exceed this share of its steps has not trained: it fails instead of "succeeding".
 MAX_SKIPPED_SHARE = 0.5
+EMPTY_DATASET = "The training dataset is empty; HKT needs labelled training examples."
 
 
 @contextmanager
@@ -168,7 +169,7 @@ class HKTTrainer(ResumeWithWeightConversion):
         plain Trainer draws (dropout, data order)."""
         devices = [self.args.device] if self.args.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            inputs = send_to_device(next(iter(self.get_train_dataloader())), self.args.device)
+            inputs = send_to_device(self._first_batch(), self.args.device)
             replay = head_replay_possible(self.carriers, self.parent_model, child)
             with self.accelerator.autocast():  # as the training step runs
                 parent_shapes, child_shapes, replay = probe(self.parent_model, child, self.carriers, inputs, replay)
@@ -182,6 +183,17 @@ class HKTTrainer(ResumeWithWeightConversion):
         self.hkt_adapter = adapter
         self._objective = HKTObjective(self.parent_model, self.carriers, self.args, replay, native_replay)
         return adapter
+
+    def _check_not_empty(self) -> None:
+        if self.train_dataset is not None and hasattr(self.train_dataset, "__len__") and len(self.train_dataset) == 0:
+            raise ValueError(EMPTY_DATASET)
+
+    def _first_batch(self) -> dict[str, Any]:
+        self._check_not_empty()
+        batch = next(iter(self.get_train_dataloader()), None)
+        if batch is None:  # an iterable dataset without examples
+            raise ValueError(EMPTY_DATASET)
+        return batch
 
     def _include_adapter_in_optimizer(self) -> None:
         """A user's optimizer (`optimizers=(optimizer, ...)`, made before the adapter existed) gets the adapter's
@@ -250,8 +262,7 @@ class HKTTrainer(ResumeWithWeightConversion):
         `resume_from_checkpoint` only accepts checkpoints whose save completed (see `checkpointing.py`); the adapter
         resumes from the checkpoint's `hkt_adapter.safetensors`.
         """
-        if self.train_dataset is not None and hasattr(self.train_dataset, "__len__") and len(self.train_dataset) == 0:
-            raise ValueError("The training dataset is empty; HKT needs labelled training examples.")
+        self._check_not_empty()
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         with ExitStack() as stack:
             # Frozen for the whole run too, not only inside each step: backward (and any activation checkpointing
