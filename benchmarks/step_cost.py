@@ -65,6 +65,7 @@ from common import (  # noqa: E402
     prepare,
     progress,
     recipe_args,
+    rows_of,
     saved_for_backward,
     trainer_step,
 )
@@ -144,7 +145,7 @@ class Methods:
     """Every method's step on fresh pretrained child and parent copies (their updates never interact), with the
     modules of each phase for the breakdown and the objects the KD check and the export need."""
 
-    def __init__(self, out_dir: Path, bf16: bool):
+    def __init__(self, out_dir: Path, bf16: bool, batch: Batch):
         child0, parent0 = prepare(load_pretrained("resnet20"), bf16), prepare(load_pretrained("resnet56"), bf16)
         parent0.requires_grad_(False)
         fresh = copy.deepcopy
@@ -154,9 +155,9 @@ class Methods:
         self.hkt_kd = HKTTrainer(
             fresh(child0), recipe_args(HKTTrainingArguments, out_dir / "hkt_kd", **common, hkt_loss_weights=[1, 0, 0],
                                        hkt_kd_weight=1.0, hkt_kd_temperature=KD_TEMPERATURE),
-            parent_model=fresh(parent0))
+            parent_model=fresh(parent0), train_dataset=rows_of(batch))
         self.hkt = HKTTrainer(fresh(child0), recipe_args(HKTTrainingArguments, out_dir / "hkt", **common),
-                              parent_model=fresh(parent0))
+                              parent_model=fresh(parent0), train_dataset=rows_of(batch))
         ref_child, ref_parent = fresh(child0), fresh(parent0)
         steps = {
             "child": trainer_step(plain),
@@ -219,7 +220,7 @@ def run(quick: bool, bf16: bool, threads: int | None) -> dict[str, Any]:
                         collate_fn=image_collator())
     batches = list(loader)
     with tempfile.TemporaryDirectory(prefix="hkt-step-cost-") as tmp:
-        methods = Methods(Path(tmp), bf16)
+        methods = Methods(Path(tmp), bf16, batches[0])
         kd_check = methods.kd_losses(batches[0])
         print(f"KD loss on one batch: torchdistill {kd_check['torchdistill']:.6f}, hkt-hf {kd_check['hkt_hf']:.6f}")
         progress(f"warm-up ({warmup} rounds), saved-for-backward, then {repeats} timed rounds")

@@ -2,7 +2,8 @@
 
 Swap `Trainer` for `HKTTrainer` and `TrainingArguments` for `HKTTrainingArguments`, name a parent, and the child
 trains with the HKT objective (see `objective.py`). Evaluation, prediction and `save_model` see the child alone.
-Only public Trainer hooks are overridden (`train`, `compute_loss`, `log`, `save_model`, `create_model_card`); the one
+Only public Trainer hooks are overridden (`train`, `compute_loss`, `log`, `save_model`, `create_model_card`, and
+`call_model_init` in `adapter_lifecycle.py`, which gives each child its adapter before any optimizer exists); the one
 workaround for a transformers bug lives in `transformers_workarounds.py`.
 """
 
@@ -15,31 +16,26 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
-from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.utils import send_to_device
 from torch import nn
 from transformers import PreTrainedModel, Seq2SeqTrainer
 from transformers.utils import logging
 
-from .adapter import HKTAdapter, get_adapter, inject_adapter, load_adapter_state, remove_adapter, save_adapter_state
-from .carriers import CarrierPair, resolve_carriers
+from .adapter import HKTAdapter, get_adapter, remove_adapter, save_adapter_state
+from .adapter_lifecycle import AdapterLifecycle
 from .checkpointing import CheckpointCommitCallback, resolve_resume_checkpoint
 from .extraction import base_of
 from .lineage import lineage_record, write_lineage
 from .model_card import TAGS, add_lineage_to_card
-from .objective import HKTObjective, NonFiniteLossError, StepResult
-from .parent import check_compatible, check_finite_weights, frozen, load_parent
-from .probing import head_replay_possible, own_loss_replayable, probe
+from .objective import NonFiniteLossError, StepResult
+from .parent import check_finite_weights, frozen, load_parent
 from .sharding import place_parent, release_parent_leftovers
 from .tasks import auto_class_for, task_of
 from .training_args import HKTTrainingArguments
-from .transformers_workarounds import ResumeWithWeightConversion
 
 logger = logging.get_logger(__name__)
 
 # A run whose skipped batches exceed this share of its steps has not trained: it fails instead of "succeeding".
 MAX_SKIPPED_SHARE = 0.5
-EMPTY_DATASET = "The training dataset is empty; HKT needs labelled training examples."
 
 
 @contextmanager
@@ -78,7 +74,7 @@ def snapshot_buffers(*models: nn.Module) -> Callable[[], None]:
     return restore
 
 
-class HKTTrainer(ResumeWithWeightConversion):
+class HKTTrainer(AdapterLifecycle):
     """A drop-in `Trainer` whose training loss is the HKT objective.
 
     Args:
@@ -86,8 +82,10 @@ class HKTTrainer(ResumeWithWeightConversion):
             left as it was given once training ends (mode, `requires_grad`, dtype, weights).
         Everything else is passed to `transformers.Trainer` unchanged.
 
-    After `train()`, `trainer.hkt_adapter` holds the aligners and gates, detached from the child; a later `train()`
-    call (a second run, or an in-process resume) trains the same adapter with the same optimizer.
+    The aligners and gates (`trainer.hkt_adapter`) are attached to the child before any optimizer exists, so every
+    optimizer trains them (`adapter_lifecycle.py`). After `train()` the adapter is detached from the child; a later
+    `train()` call (a second run, or an in-process resume) trains the same adapter with the same optimizer. With
+    `model_init`, each `train()` gets a new child, with its own carriers and adapter.
     """
 
     _tag_names = TAGS
@@ -128,11 +126,8 @@ class HKTTrainer(ResumeWithWeightConversion):
             raise ValueError("hkt_on_nonfinite='skip' works in a single process only; use 'stop' with several.")
         self._tag(self.model)
         self.add_callback(CheckpointCommitCallback())
-        self.hkt_adapter: HKTAdapter | None = None
         self.hkt_skipped_batches = 0
-        self._objective: HKTObjective | None = None
         self._hkt_logs: dict[str, list[torch.Tensor]] = defaultdict(list)
-        self._resume_adapter_from: str | None = None
         if self.train_dataset is not None:  # else at the start of train(): before any optimizer exists either way
             self._build_adapter(self.model)
             self._include_adapter_in_optimizer()
@@ -149,105 +144,6 @@ class HKTTrainer(ResumeWithWeightConversion):
         if isinstance(parent, str):
             parent = load_parent(parent, self.model, self.args.hkt_parent_revision, self.args.hkt_parent_init_kwargs)
         return parent
-
-    def _carriers_for(self, parent: nn.Module, child: nn.Module) -> list[CarrierPair]:
-        """The carriers between `parent` and `child`, once the parent is known to be able to teach this child."""
-        check_compatible(parent, child)
-        return resolve_carriers(self.args.hkt_carriers, parent, child)
-
-    def _tag(self, child: nn.Module) -> None:
-        if hasattr(child, "add_model_tags"):
-            child.add_model_tags(self._tag_names)
-
-    # ---- adapter ------------------------------------------------------------------------------------------
-
-    def _build_adapter(self, child: nn.Module) -> HKTAdapter:
-        """Build the adapter for `child` from the carrier shapes of one probe of the first training batch, attach it
-        (so that every optimizer made from now on sees its parameters) and make the step's objective.
-
-        The batch is drawn, and the aligners initialised, on a fork of the random state: training then draws what the
-        plain Trainer draws (dropout, data order)."""
-        devices = [self.args.device] if self.args.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            inputs = send_to_device(self._first_batch(), self.args.device)
-            replay = head_replay_possible(self.carriers, self.parent_model, child)
-            with self.accelerator.autocast():  # as the training step runs
-                parent_shapes, child_shapes, replay = probe(self.parent_model, child, self.carriers, inputs, replay)
-            native_replay = (  # the native term from the replayed head only where it is the Trainer's own loss
-                replay and self.label_smoother is None and self.compute_loss_func is None
-                and self.model_accepts_loss_kwargs and own_loss_replayable(child, self.carriers[0].child, inputs)
-            )
-            adapter = HKTAdapter(self.carriers, parent_shapes, child_shapes, self.args.hkt_gate, self.args.hkt_lambda)
-        adapter.to(device=self.args.device, dtype=next(child.parameters()).dtype)
-        inject_adapter(child, adapter)
-        self.hkt_adapter = adapter
-        self._objective = HKTObjective(self.parent_model, self.carriers, self.args, replay, native_replay)
-        return adapter
-
-    def _check_not_empty(self) -> None:
-        if self.train_dataset is not None and hasattr(self.train_dataset, "__len__") and len(self.train_dataset) == 0:
-            raise ValueError(EMPTY_DATASET)
-
-    def _first_batch(self) -> dict[str, Any]:
-        self._check_not_empty()
-        batch = next(iter(self.get_train_dataloader()), None)
-        if batch is None:  # an iterable dataset without examples
-            raise ValueError(EMPTY_DATASET)
-        return batch
-
-    def _include_adapter_in_optimizer(self) -> None:
-        """A user's optimizer (`optimizers=(optimizer, ...)`, made before the adapter existed) gets the adapter's
-        trainable parameters as a group of its own with its defaults; with a user's scheduler too it is refused, since
-        that scheduler was built without the group. Optimizers the Trainer made (prepared by Accelerate) hold them."""
-        optimizer = self.optimizer
-        if optimizer is None or isinstance(optimizer, AcceleratedOptimizer) or self.hkt_adapter is None:
-            return
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [p for p in self.hkt_adapter.parameters() if p.requires_grad and id(p) not in held]
-        if not missing:
-            return
-        if self.lr_scheduler is not None:
-            raise ValueError(
-                f"The optimizer given in `optimizers=(optimizer, lr_scheduler)` lacks the {len(missing)} trainable HKT "
-                "adapter parameters (aligners, learned gates), and its scheduler was built without them. Either pass "
-                "`optimizers=(optimizer, None)` (HKTTrainer adds them as a parameter group with the optimizer's "
-                "defaults; the Trainer builds the scheduler from lr_scheduler_type), or "
-                "`optimizer_cls_and_kwargs=(optimizer_class, kwargs)`, or create the trainer first, then the optimizer "
-                "and scheduler over `trainer.model.parameters()` (which then include `hkt_adapter`), and set "
-                "`trainer.optimizer` and `trainer.lr_scheduler`."
-            )
-        optimizer.add_param_group({"params": missing})
-        logger.info(f"Added the {len(missing)} trainable HKT adapter parameters to the user's optimizer as a new group.")
-
-    def call_model_init(self, trial: Any = None) -> nn.Module:
-        """`Trainer.call_model_init`; a child made for a `train()` run gets its own carriers and adapter here, before
-        the Trainer makes its optimizer (and, on a resume, the checkpoint's adapter state)."""
-        child = super().call_model_init(trial)
-        if "parent_model" not in self.__dict__:  # from Trainer.__init__: HKTTrainer.__init__ builds the adapter
-            return child
-        if self.place_model_on_device:  # the Trainer moves it next; the probe needs it there now
-            child = child.to(self.args.device)
-        remove_adapter(self.model)
-        self.carriers = self._carriers_for(self.parent_model, child)
-        self.hkt_lineage.update(hkt_carriers=[str(c) for c in self.carriers],
-                                child_architecture=type(base_of(child)).__name__)
-        self._tag(child)
-        self._load_adapter_state(self._build_adapter(child))
-        return child
-
-    def _load_adapter_state(self, adapter: HKTAdapter) -> None:
-        if self._resume_adapter_from is not None:
-            load_adapter_state(adapter, self._resume_adapter_from)
-
-    def _attach_adapter(self) -> None:
-        """The run's adapter on the child: the one built for it (by `__init__` or a previous `train()`, which the
-        Trainer's optimizer, kept between calls, holds), else built now."""
-        if self.hkt_adapter is None:
-            self._build_adapter(self.model)
-        else:
-            inject_adapter(self.model, self.hkt_adapter)
-        self._load_adapter_state(self.hkt_adapter)
-        self._include_adapter_in_optimizer()
 
     def train(
         self,
@@ -323,14 +219,6 @@ class HKTTrainer(ResumeWithWeightConversion):
                 return (zero, None) if return_outputs else zero
         self._record(result)
         return (result.loss, result.outputs) if return_outputs else result.loss
-
-    def _step_adapter(self) -> HKTAdapter:
-        if self.hkt_adapter is None:
-            raise RuntimeError(
-                "HKTTrainer.compute_loss in training mode needs the HKT adapter, built from the first training batch "
-                "before any optimizer: pass train_dataset to HKTTrainer(...), or call trainer.train()."
-            )
-        return self.hkt_adapter
 
     def _run_objective(
         self, model: nn.Module, child: nn.Module, adapter: HKTAdapter, inputs: dict[str, Any],

@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "hkt_hf"
-METHOD = ["trainer", "training_args", "objective", "losses", "extraction", "transfer", "mixture", "adapter", "carriers", "parent",
+METHOD = ["trainer", "adapter_lifecycle", "training_args", "objective", "losses", "extraction", "transfer", "mixture", "adapter", "carriers", "parent",
           "checkpointing", "hub", "lineage", "model_card", "tasks", "transformers_workarounds"]
 APPLICATIONS = ["hkt_hf.models", "hkt_hf.data", "hkt_hf.metrics", "hkt_hf.cli", "hkt_hf.demo"]
 MAX_LINES = 400
