@@ -14,6 +14,7 @@ later, over every group); with a scheduler, built without that group, it is refu
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -79,24 +80,28 @@ class AdapterLifecycle(ResumeWithWeightConversion):
         """Build the adapter for `child` from the carrier shapes of one probe of the first training batch, attach it
         (so that every optimizer made from now on sees its parameters) and make the step's objective.
 
-        The batch is drawn, and the aligners initialised, on a fork of the random state: training then draws what the
-        plain Trainer draws (dropout, data order)."""
-        devices = [self.args.device] if self.args.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        The batch is drawn, and the aligners initialised, each on a fork of the random state: the aligners start from
+        the state the trainer was made in, and training draws what the plain Trainer draws (dropout, augmentation)."""
+        with self._forked_rng():
             inputs = send_to_device(self._first_batch(), self.args.device)
-            replay = head_replay_possible(self.carriers, self.parent_model, child)
-            with self.accelerator.autocast():  # as the training step runs
-                parent_shapes, child_shapes, replay = probe(self.parent_model, child, self.carriers, inputs, replay)
-            native_replay = (  # the native term from the replayed head only where it is the Trainer's own loss
-                replay and self.label_smoother is None and self.compute_loss_func is None
-                and self.model_accepts_loss_kwargs and own_loss_replayable(child, self.carriers[0].child, inputs)
-            )
+        replay = head_replay_possible(self.carriers, self.parent_model, child)
+        with self.accelerator.autocast():  # as the training step runs
+            parent_shapes, child_shapes, replay = probe(self.parent_model, child, self.carriers, inputs, replay)
+        native_replay = (  # the native term from the replayed head only where it is the Trainer's own loss
+            replay and self.label_smoother is None and self.compute_loss_func is None
+            and self.model_accepts_loss_kwargs and own_loss_replayable(child, self.carriers[0].child, inputs)
+        )
+        with self._forked_rng():
             adapter = HKTAdapter(self.carriers, parent_shapes, child_shapes, self.args.hkt_gate, self.args.hkt_lambda)
         adapter.to(device=self.args.device, dtype=next(child.parameters()).dtype)
         inject_adapter(child, adapter)
         self.hkt_adapter = adapter
         self._objective = HKTObjective(self.parent_model, self.carriers, self.args, replay, native_replay)
         return adapter
+
+    def _forked_rng(self) -> AbstractContextManager:
+        """torch's random state (and the run's GPU's) restored when the block ends."""
+        return torch.random.fork_rng(devices=[self.args.device] if self.args.device.type == "cuda" else [])
 
     def _check_not_empty(self) -> None:
         if self.train_dataset is not None and hasattr(self.train_dataset, "__len__") and len(self.train_dataset) == 0:
