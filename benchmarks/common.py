@@ -226,9 +226,11 @@ def trainer_step(trainer: Trainer) -> Step:
     return step
 
 
-def rows_of(batch: Batch) -> list[Batch]:
-    """The examples of a collated batch, as a training set (an HKTTrainer builds its adapter from its first batch)."""
-    return [{key: value[i] for key, value in batch.items()} for i in range(len(next(iter(batch.values()))))]
+def rows_of(batch: Batch, count: int | None = None) -> list[Batch]:
+    """The examples of a collated batch, cycled to `count` rows, as a training set (an HKTTrainer builds its adapter
+    from its first training batch, so the set must fill one)."""
+    size = len(next(iter(batch.values())))
+    return [{key: value[i % size] for key, value in batch.items()} for i in range(count or size)]
 
 
 def parameter_storages(*models: nn.Module) -> set[int]:

@@ -155,9 +155,9 @@ class Methods:
         self.hkt_kd = HKTTrainer(
             fresh(child0), recipe_args(HKTTrainingArguments, out_dir / "hkt_kd", **common, hkt_loss_weights=[1, 0, 0],
                                        hkt_kd_weight=1.0, hkt_kd_temperature=KD_TEMPERATURE),
-            parent_model=fresh(parent0), train_dataset=rows_of(batch))
+            parent_model=fresh(parent0), train_dataset=rows_of(batch, BATCH_SIZE))
         self.hkt = HKTTrainer(fresh(child0), recipe_args(HKTTrainingArguments, out_dir / "hkt", **common),
-                              parent_model=fresh(parent0), train_dataset=rows_of(batch))
+                              parent_model=fresh(parent0), train_dataset=rows_of(batch, BATCH_SIZE))
         ref_child, ref_parent = fresh(child0), fresh(parent0)
         steps = {
             "child": trainer_step(plain),
