@@ -137,7 +137,7 @@ class Methods:
     """Every method's step on fresh pretrained child and parent copies (their updates never interact), with the
     modules of each phase for the breakdown and the objects the KD check and the export need."""
 
-    def __init__(self, out_dir: Path, bf16: bool):
+    def __init__(self, out_dir: Path, bf16: bool, batch: timing.Batch):
         child0, parent0 = prepare(load_pretrained("resnet20"), bf16), prepare(load_pretrained("resnet56"), bf16)
         parent0.requires_grad_(False)
         fresh = copy.deepcopy
@@ -147,9 +147,9 @@ class Methods:
         self.hkt_kd = HKTTrainer(
             fresh(child0), recipe_args(HKTTrainingArguments, out_dir / "hkt_kd", **common,
                                        **kd_settings(weight=1.0, temperature=KD_TEMPERATURE)),
-            parent_model=fresh(parent0))
+            parent_model=fresh(parent0), train_dataset=timing.rows_of(batch, BATCH_SIZE))
         self.hkt = HKTTrainer(fresh(child0), recipe_args(HKTTrainingArguments, out_dir / "hkt", **common),
-                              parent_model=fresh(parent0))
+                              parent_model=fresh(parent0), train_dataset=timing.rows_of(batch, BATCH_SIZE))
         ref_child, ref_parent = fresh(child0), fresh(parent0)
         steps = {
             "child": timing.trainer_step(plain),
@@ -210,7 +210,7 @@ def run(mode_name: str, bf16: bool, threads: int | None) -> dict[str, Any]:
                         collate_fn=image_collator())
     batches = list(loader)[:mode.batches]
     with tempfile.TemporaryDirectory(prefix="hkt-step-cost-") as tmp:
-        methods = Methods(Path(tmp), bf16)
+        methods = Methods(Path(tmp), bf16, batches[0])
         kd_check = methods.kd_losses(batches[0])
         print(f"KD loss on one batch: torchdistill {kd_check['torchdistill']:.6f}, hkt-hf {kd_check['hkt_hf']:.6f}")
         timing.progress(f"warm-up ({timing.WARMUP_ROUNDS} rounds), saved-for-backward, "

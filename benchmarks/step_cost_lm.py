@@ -156,7 +156,8 @@ def peer_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Siz
     return {PEER: gkd, "chunked": chunked}
 
 
-def hkt_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Sizes) -> dict[str, HKTTrainer]:
+def hkt_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Sizes, batch: timing.Batch
+                 ) -> dict[str, HKTTrainer]:
     layer_carrier = f"model.layers.{sizes.parent_layers - 1}=model.layers.{sizes.child_layers - 1}"
     settings = {
         "hkt_kd": dict(hkt_carriers=[LM_HEAD_CARRIER], **kd_settings(weight=1.0, temperature=1.0)),
@@ -166,7 +167,7 @@ def hkt_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Size
     return {
         name: HKTTrainer(copy.deepcopy(child), recipe_args(HKTTrainingArguments, out_dir / name, seed=0, max_steps=1000,
                                                            bf16=False, batch_size=sizes.batch, **extra),
-                         parent_model=copy.deepcopy(parent))
+                         parent_model=copy.deepcopy(parent), train_dataset=timing.rows_of(batch))
         for name, extra in settings.items()
     }
 
@@ -205,7 +206,7 @@ def run(sizes: Sizes, threads: int | None) -> dict[str, Any]:
         plain = Trainer(copy.deepcopy(child0), recipe_args(TrainingArguments, Path(tmp) / "child", seed=0,
                                                           max_steps=1000, bf16=False, batch_size=sizes.batch))
         peers = peer_trainers(child0, parent0, Path(tmp), sizes, batches[0])
-        ours = hkt_trainers(child0, parent0, Path(tmp), sizes)
+        ours = hkt_trainers(child0, parent0, Path(tmp), sizes, batches[0])
         trainers: dict[str, Trainer] = {"child": plain, **peers, **ours}
         steps = {name: timing.trainer_step(trainer) for name, trainer in trainers.items()}
         chunked_step = steps["chunked"]

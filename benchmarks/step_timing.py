@@ -67,19 +67,25 @@ def peer_missing(package: str, error: ImportError) -> SystemExit:
 
 
 def trainer_step(trainer: Trainer) -> Step:
-    """One optimizer step through `trainer.training_step` (the path `Trainer.train` runs), optimizer made lazily
-    after the first step so that HKT's adapter, built on the first batch, is included. Each call gets a copy of the
-    batch: some trainers pop or add keys."""
+    """One optimizer step through `trainer.training_step` (the path `Trainer.train` runs) with the trainer's own
+    optimizer (an HKTTrainer's holds its adapter, built with the trainer). Each call gets a copy of the batch: some
+    trainers pop or add keys."""
     trainer.current_gradient_accumulation_steps = 1  # set by `Trainer.train`'s loop, read by `training_step`
+    optimizer = trainer.create_optimizer()
 
     def step(batch: Batch) -> None:
         trainer.training_step(trainer.model, dict(batch), None)
-        if trainer.optimizer is None:
-            trainer.create_optimizer()
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def rows_of(batch: Batch, count: int | None = None) -> list[Batch]:
+    """The examples of a collated batch, cycled to `count` rows, as a training set (an HKTTrainer builds its adapter
+    from its first training batch, so the set must fill one)."""
+    size = len(next(iter(batch.values())))
+    return [{key: value[i % size] for key, value in batch.items()} for i in range(count or size)]
 
 
 def parameter_storages(*models: nn.Module) -> set[int]:

@@ -7,10 +7,10 @@ one of two keywords:
 - `auto`: the inputs of the two prediction heads, the reference setting. The head is found through transformers'
   APIs: `get_output_embeddings()` for language-model heads (causal, masked, seq2seq), else the classification or
   question-answering head module.
-- `blocks`: the outputs of up to `MAX_BLOCK_CARRIERS` of the child's blocks, evenly spaced and ending with its last,
-  each paired with the parent's block at the same relative depth. Blocks are the modules of the class that
-  transformers lists in `_no_split_modules` (decoder layers, encoder layers, residual blocks) and that the model
-  repeats most, in their order in the model. Not the paper's formula: an option the benchmarks measured.
+- `blocks`: the outputs of some of the child's repeated blocks, each paired with the parent's block at the same
+  relative depth of the same stack (`block_carriers`). Blocks are the elements of a module list whose class
+  transformers lists in `_no_split_modules` (decoder layers, encoder layers, residual blocks); a stack is the
+  outermost list holding them (an encoder-decoder has two). Not the paper's formula: an option the benchmarks measured.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .extraction import FeatureSpec, base_of, resolve_module
 from .tasks import loss_task
 
 MAX_BLOCK_CARRIERS = 3
+LISTS = (nn.ModuleList, nn.Sequential)  # the containers whose elements can be blocks
 LM_TASKS = frozenset({"text-generation", "text2text-generation", "fill-mask"})
 HEAD_NAMES = ("classifier", "score", "qa_outputs", "head", "fc", "linear")
 
@@ -72,34 +73,91 @@ def head_carrier(parent: nn.Module, child: nn.Module) -> CarrierPair:
     return CarrierPair(FeatureSpec(find_head(parent, "parent"), "input"), FeatureSpec(find_head(child, "child"), "input"))
 
 
-def block_names(model: nn.Module, role: str = "model") -> list[str]:
-    """Dotted names (in the base model) of the model's repeated blocks, in order: the instances of the class in
-    `_no_split_modules` that it holds most of (a ViT lists its embeddings there too, once), outermost only."""
+@dataclass(frozen=True)
+class BlockStack:
+    """One stack of repeated blocks: the outermost `nn.ModuleList` / `nn.Sequential` that holds them, and the blocks'
+    dotted names in depth order."""
+
+    name: str
+    blocks: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({len(self.blocks)} blocks)"
+
+
+def _outermost_list(modules: dict[str, nn.Module], name: str) -> str:
+    """The name of the outermost `ModuleList` / `Sequential` above module `name` (one that holds it)."""
+    path = name.split(".")
+    return next(".".join(path[:k]) for k in range(len(path)) if isinstance(modules[".".join(path[:k])], LISTS))
+
+
+def block_stacks(model: nn.Module, role: str = "model") -> list[BlockStack]:
+    """The model's stacks of repeated blocks (in the base model, under any PEFT wrapper), in model order.
+
+    A block is an instance of a class transformers lists in `_no_split_modules` (a decoder layer, a residual block)
+    that is an element of an `nn.ModuleList` / `nn.Sequential`, outermost only: embeddings or a shortcut branch listed
+    there too are never blocks, even in a 1-layer model. Its stack is the outermost such list above it: a transformer's
+    layer list (an encoder-decoder has two, its encoder's and its decoder's), a CNN's stage or list of stages."""
     base = base_of(model)
     classes = set(getattr(base, "_no_split_modules", None) or ())
-    found: dict[str, list[str]] = {}
-    for name, module in base.named_modules():
-        if type(module).__name__ in classes:
-            found.setdefault(type(module).__name__, []).append(name)
-    if not found:
+    if not classes:
         raise ValueError(
             f"The {role} ({type(base).__name__}) lists no block classes in `_no_split_modules`, so `blocks` carriers "
             "cannot find its blocks. Name the carriers explicitly, e.g. hkt_carriers=['model.layers.5=model.layers.1']."
         )
-    names = max(found.values(), key=len)
-    return [n for n in names if not any(n.startswith(outer + ".") for outer in names)]
+    modules = dict(base.named_modules())
+    blocks: list[str] = []
+    for name, module in modules.items():  # parents before children: an outer block comes before its inner ones
+        if (type(module).__name__ in classes and isinstance(modules.get(name.rpartition(".")[0]), LISTS)
+                and not any(name.startswith(outer + ".") for outer in blocks)):
+            blocks.append(name)
+    if not blocks:
+        raise ValueError(
+            f"The {role} ({type(base).__name__}) holds no `_no_split_modules` class ({sorted(classes)}) in a ModuleList "
+            "or Sequential, so `blocks` carriers find no repeated blocks. Name the carriers explicitly."
+        )
+    stacks: dict[str, list[str]] = {}
+    for name in blocks:
+        stacks.setdefault(_outermost_list(modules, name), []).append(name)
+    return [BlockStack(name, tuple(names)) for name, names in stacks.items()]
+
+
+def _stack_sides(model: nn.Module, stacks: list[BlockStack]) -> list[str] | None:
+    """For an encoder-decoder model, which side each stack is on (as `objective.on_decoder` decides); else None."""
+    if not getattr(getattr(base_of(model), "config", None), "is_encoder_decoder", False):
+        return None
+    return ["encoder" if "encoder" in stack.name.split(".") else "decoder" for stack in stacks]
+
+
+def _corresponding_stacks(parent: nn.Module, child: nn.Module) -> list[tuple[BlockStack, BlockStack]]:
+    """The parent's and the child's stacks paired in order, refused where they do not correspond one to one (another
+    count, or an encoder stack facing a decoder stack)."""
+    parents, children = block_stacks(parent, "parent"), block_stacks(child, "child")
+    sides = _stack_sides(parent, parents), _stack_sides(child, children)
+    if len(parents) != len(children) or (None not in sides and sides[0] != sides[1]):
+        raise ValueError(
+            f"`blocks` pairs each block stack of the child with the parent's stack in the same place, but the child has "
+            f"{[str(s) for s in children]} and the parent {[str(s) for s in parents]}: no stack-by-stack pairing exists. "
+            f"Name the carriers explicitly, e.g. hkt_carriers=['{parents[-1].blocks[-1]}={children[-1].blocks[-1]}']."
+        )
+    return list(zip(parents, children))
 
 
 def block_carriers(parent: nn.Module, child: nn.Module, most: int = MAX_BLOCK_CARRIERS) -> list[CarrierPair]:
-    """The `blocks` carriers: child blocks at evenly spaced depths ending with the last, each with the parent block
-    at the same relative depth (child block i of c takes parent block (i + 1) * p // c - 1 of p)."""
-    parents, children = block_names(parent, "parent"), block_names(child, "child")
-    count = min(len(children), most)
+    """The `blocks` carriers, within each pair of corresponding stacks: `max(1, most // stacks)` child blocks evenly
+    spaced and ending with the stack's last, each with the first parent block of the same stack at least as deep
+    (child block i of c takes parent block ceil((i + 1) * p / c) - 1 of p: the last with the last, never out of depth
+    order, a child deeper than its parent reusing parent blocks)."""
+    stack_pairs = _corresponding_stacks(parent, child)
+    per_stack = max(1, most // len(stack_pairs))
     pairs = []
-    for j in range(count):
-        i = (j + 1) * len(children) // count - 1
-        pairs.append(CarrierPair(FeatureSpec(parents[(i + 1) * len(parents) // len(children) - 1]),
-                                 FeatureSpec(children[i])))
+    for parents, children in stack_pairs:
+        p, c = len(parents.blocks), len(children.blocks)
+        count = min(c, per_stack)
+        for j in range(count):
+            i = (j + 1) * c // count - 1
+            pairs.append(CarrierPair(FeatureSpec(parents.blocks[-(-(i + 1) * p // c) - 1]),
+                                     FeatureSpec(children.blocks[i])))
     return pairs
 
 

@@ -47,7 +47,7 @@ from .losses import (
 )
 from .mixture import GateOutput, masked_mean
 from .parent import shared_vocabulary
-from .passes import forward_inputs, model_inputs, model_label_names, running_stats_kept, without_cache  # noqa: F401
+from .passes import forward_inputs, model_label_names, running_stats_kept, without_cache
 from .tasks import reads_last_token, task_of
 from .transfer import match_size
 

@@ -2,7 +2,8 @@
 
 Swap `Trainer` for `HKTTrainer` and `TrainingArguments` for `HKTTrainingArguments`, name a parent, and the child
 trains with the HKT objective (see `objective.py`). Evaluation, prediction and `save_model` see the child alone.
-Only public Trainer hooks are overridden (`train`, `compute_loss`, `log`, `save_model`, `create_model_card`); the one
+Only public Trainer hooks are overridden (`train`, `compute_loss`, `log`, `save_model`, `create_model_card`, and
+`call_model_init` in `adapter_lifecycle.py`, which gives each child its adapter before any optimizer exists); the one
 workaround for a transformers bug lives in `transformers_workarounds.py`.
 """
 
@@ -15,24 +16,22 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
-from accelerate.utils import send_to_device
 from torch import nn
 from transformers import PreTrainedModel, Seq2SeqTrainer
 from transformers.utils import logging
 
-from .adapter import HKTAdapter, get_adapter, inject_adapter, load_adapter_state, remove_adapter, save_adapter_state
-from .carriers import resolve_carriers
+from .adapter import HKTAdapter, get_adapter, remove_adapter, save_adapter_state
+from .adapter_lifecycle import AdapterLifecycle
 from .checkpointing import CheckpointCommitCallback, begin_save, prepare_resume
 from .extraction import base_of
 from .lineage import lineage_record, parent_identity, write_lineage
 from .model_card import TAGS, add_lineage_to_card
-from .objective import HKTObjective, NonFiniteLossError, StepResult
-from .parent import check_compatible, check_finite_weights, check_vocabularies, frozen, load_parent
-from .probing import head_replay_possible, loss_ignores_item_count, own_loss_replayable, probe
+from .objective import NonFiniteLossError, StepResult
+from .parent import check_finite_weights, frozen, load_parent
+from .probing import loss_ignores_item_count
 from .sharding import place_parent, release_parent_leftovers
 from .tasks import auto_class_for, task_of
 from .training_args import HKTTrainingArguments
-from .transformers_workarounds import ResumeWithWeightConversion
 
 logger = logging.get_logger(__name__)
 
@@ -76,7 +75,7 @@ def snapshot_buffers(*models: nn.Module) -> Callable[[], None]:
     return restore
 
 
-class HKTTrainer(ResumeWithWeightConversion):
+class HKTTrainer(AdapterLifecycle):
     """A drop-in `Trainer` whose training loss is the HKT objective.
 
     Args:
@@ -84,8 +83,10 @@ class HKTTrainer(ResumeWithWeightConversion):
             left as it was given once training ends (mode, `requires_grad`, dtype, weights).
         Everything else is passed to `transformers.Trainer` unchanged.
 
-    After `train()`, `trainer.hkt_adapter` holds the aligners and gates, detached from the child; a later `train()`
-    call (a second run, or an in-process resume) trains the same adapter with the same optimizer.
+    The aligners and gates (`trainer.hkt_adapter`) are attached to the child before any optimizer exists, so every
+    optimizer trains them (`adapter_lifecycle.py`). After `train()` the adapter is detached from the child; a later
+    `train()` call (a second run, or an in-process resume) trains the same adapter with the same optimizer. With
+    `model_init`, each `train()` gets a new child, with its own carriers and adapter.
     """
 
     _tag_names = TAGS
@@ -108,8 +109,6 @@ class HKTTrainer(ResumeWithWeightConversion):
                 f"{type(self).__name__} needs HKTTrainingArguments, got {type(args).__name__}: replace "
                 "`TrainingArguments(...)` with `HKTTrainingArguments(...)` (same fields, plus the hkt_* ones)."
             )
-        if model is None:
-            raise ValueError("HKTTrainer needs the child `model`; `model_init` is not supported.")
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         parent = self._load_parent(parent_model if parent_model is not None else self.args.hkt_parent)
         parent_name = parent_model if isinstance(parent_model, str) else self.args.hkt_parent
@@ -118,9 +117,8 @@ class HKTTrainer(ResumeWithWeightConversion):
         self.parent_name = parent_name or type(base_of(parent)).__name__
         check_finite_weights(parent, self.parent_name)
         identity = parent_identity(parent)  # by content, while the parent is still whole
-        check_compatible(parent, self.model)
-        check_vocabularies(parent, self.model, self.processing_class, parent_name, self.args.hkt_parent_revision)
-        self.carriers = resolve_carriers(self.args.hkt_carriers, parent, self.model)
+        self.parent_source = parent_name  # where it was loaded from, if by name: its tokenizer may be saved there
+        self.carriers = self._carriers_for(parent, self.model)
         # Under ZeRO-3 `parent_engine` owns the parent's partitions and gather hooks; None otherwise.
         self.parent_model, self.parent_engine = place_parent(parent, self.accelerator, self.args.device)
         self.hkt_lineage = lineage_record(
@@ -129,13 +127,13 @@ class HKTTrainer(ResumeWithWeightConversion):
         )
         if self.args.hkt_on_nonfinite == "skip" and self.args.world_size > 1:
             raise ValueError("hkt_on_nonfinite='skip' works in a single process only; use 'stop' with several.")
-        if hasattr(self.model, "add_model_tags"):
-            self.model.add_model_tags(self._tag_names)
+        self._tag(self.model)
         self.add_callback(CheckpointCommitCallback())
-        self.hkt_adapter: HKTAdapter | None = None
         self.hkt_skipped_batches = 0
-        self._objective: HKTObjective | None = None
         self._hkt_logs: dict[str, list[torch.Tensor]] = defaultdict(list)
+        if self.train_dataset is not None:  # else at the start of train(): before any optimizer exists either way
+            self._build_adapter(self.model)
+            self._include_adapter_in_optimizer()
 
     # ---- parent -------------------------------------------------------------------------------------------
 
@@ -150,40 +148,20 @@ class HKTTrainer(ResumeWithWeightConversion):
             parent = load_parent(parent, self.model, self.args.hkt_parent_revision, self.args.hkt_parent_init_kwargs)
         return parent
 
-    # ---- adapter ------------------------------------------------------------------------------------------
-
-    def _ensure_adapter(self, child: nn.Module, inputs: dict[str, Any]) -> HKTAdapter:
-        """Attach the run's adapter: built once from the carrier shapes seen on `inputs`, then reused by every later
-        `train()` so the optimizer (which the Trainer keeps between calls) and the adapter always agree."""
-        adapter = get_adapter(child)
-        if adapter is not None and self._objective is not None:
-            return adapter
-        replay = head_replay_possible(self.carriers, self.parent_model, child)
-        with self.accelerator.autocast():  # as the training step runs
-            parent_shapes, child_shapes, replay = probe(self.parent_model, child, self.carriers, inputs, replay)
-        if self.hkt_adapter is None:
-            self.hkt_adapter = HKTAdapter(
-                self.carriers, parent_shapes, child_shapes, self.args.hkt_gate, self.args.hkt_lambda
-            )
-            self.hkt_adapter.to(device=self.args.device, dtype=next(child.parameters()).dtype)
-        if adapter is not self.hkt_adapter:
-            inject_adapter(child, self.hkt_adapter)
-        native_replay = (  # the native term from the replayed head only where it is the Trainer's own loss
-            replay and self.label_smoother is None and self.compute_loss_func is None
-            and self.model_accepts_loss_kwargs and own_loss_replayable(child, self.carriers[0].child, inputs)
-        )
-        self._objective = HKTObjective(self.parent_model, self.carriers, self.args, replay, native_replay)
-        return self.hkt_adapter
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+        **kwargs: Any,
+    ):
         """`Trainer.train`, with the parent frozen and the HKT adapter attached for the run, both undone afterwards,
-        whatever happens.
+        whatever happens. With `model_init`, each run's new child gets a new adapter (`call_model_init`).
 
         `resume_from_checkpoint` only accepts checkpoints whose save completed (see `checkpointing.py`); the adapter
         resumes from the checkpoint's `hkt_adapter.safetensors`.
         """
-        if self.train_dataset is not None and hasattr(self.train_dataset, "__len__") and len(self.train_dataset) == 0:
-            raise ValueError("The training dataset is empty; HKT needs labelled training examples.")
+        self._check_not_empty()
         resume_from_checkpoint, self.hkt_lineage = prepare_resume(
             resume_from_checkpoint, self.args.output_dir, self.hkt_lineage
         )
@@ -192,15 +170,13 @@ class HKTTrainer(ResumeWithWeightConversion):
             # recomputed in it) runs after `compute_loss` has returned.
             stack.enter_context(frozen(self.parent_model, self.args.hkt_parent_mode))
             stack.callback(release_parent_leftovers, self.parent_model, self.parent_engine)
-            with torch.random.fork_rng(devices=[self.args.device] if self.args.device.type == "cuda" else []):
-                batch = next(iter(self.get_train_dataloader()))
-            self._objective = None
-            adapter = self._ensure_adapter(self.model, send_to_device(batch, self.args.device))
-            stack.callback(remove_adapter, self.accelerator.unwrap_model(self.model))
-            if resume_from_checkpoint is not None:
-                load_adapter_state(adapter, resume_from_checkpoint)
+            stack.callback(lambda: remove_adapter(self.accelerator.unwrap_model(self.model)))  # the run's last child
+            self._resume_adapter_from = resume_from_checkpoint
+            stack.callback(setattr, self, "_resume_adapter_from", None)
+            if self.model_init is None:  # else Trainer.train calls `call_model_init`, which builds it
+                self._attach_adapter()
             steps_before, skipped_before = self.state.global_step, self.hkt_skipped_batches
-            output = super().train(resume_from_checkpoint, *args, **kwargs)
+            output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
             self._check_skipped(self.state.global_step - steps_before, self.hkt_skipped_batches - skipped_before)
             return output
 
@@ -227,7 +203,7 @@ class HKTTrainer(ResumeWithWeightConversion):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         child = self.accelerator.unwrap_model(model)
         release_parent_leftovers(self.parent_model, self.parent_engine)  # left by the previous step
-        adapter = self._ensure_adapter(child, inputs)
+        adapter = self._step_adapter()
         skip = self.args.hkt_on_nonfinite == "skip"
         restore = snapshot_buffers(child, self.parent_model) if skip else None
         with frozen(self.parent_model, self.args.hkt_parent_mode):

@@ -32,6 +32,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     ResNetConfig,
     ResNetForImageClassification,
+    TrainerCallback,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -197,6 +198,20 @@ def hooked_modules(model: nn.Module) -> list[str]:
         for name, m in model.named_modules()
         if m._forward_hooks or m._forward_pre_hooks
     ]
+
+
+class AdapterAtTrainBegin(TrainerCallback):
+    """Snapshots the HKT adapter's parameters when training begins (after the optimizer is made)."""
+
+    def __init__(self):
+        self.before: dict[str, torch.Tensor] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {name: p.detach().clone() for name, p in model.hkt_adapter.named_parameters()}
+
+    def unchanged(self, adapter: nn.Module) -> list[str]:
+        """The adapter parameters that training left as they were at its start."""
+        return [name for name, p in adapter.named_parameters() if torch.equal(p, self.before[name])]
 
 
 class ForwardCounter:

@@ -209,7 +209,7 @@ def test_gate_is_computed_per_spatial_position_for_segformer_maps(tmp_path, scen
     trainer = HKTTrainer(child, training_args(tmp_path, hkt_carriers=CARRIERS, remove_unused_columns=False),
                          train_dataset=scenes, parent_model=parent)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    adapter = trainer._ensure_adapter(child, batch)
+    adapter = trainer.hkt_adapter
     child.train()
     with frozen(parent, "eval"):  # as the trainer runs each step
         result = trainer._objective(child, adapter, batch, trainer._native_loss)

@@ -161,7 +161,7 @@ def test_hkt_trains_raft_small_from_raft_with_several_carriers(tmp_path, pairs, 
     trainer = HKTTrainer(child, args, train_dataset=pairs, parent_model=parent)
     # The feature-encoder gate is one value per position of the 1/8 map of both frames (batch 2 -> 4 maps).
     batch = next(iter(torch.utils.data.DataLoader(pairs, batch_size=2)))
-    adapter = trainer._ensure_adapter(child, batch)
+    adapter = trainer.hkt_adapter
     with torch.no_grad(), frozen(parent, "eval"):  # as the trainer runs each step
         result = trainer._objective(child, adapter, batch, trainer._native_loss)
     assert result.gates[carriers[0]].gate.shape == (4, 16, 16)

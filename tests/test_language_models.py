@@ -89,8 +89,6 @@ def test_auto_carrier_on_causal_lms_is_the_lm_head_input_and_replays_heads(tmp_p
     child, parent = tiny_lm("llama", 16, seed=1), tiny_lm("llama", 32, seed=2)
     trainer = hkt_lm_trainer(child, parent, tmp_path, lm_data)
     assert [str(c) for c in trainer.carriers] == ["lm_head:input=lm_head:input"]
-    rows, collator = lm_data
-    trainer._ensure_adapter(child, collator(rows[:4]))
     assert trainer._objective.replay
 
 
@@ -172,7 +170,6 @@ def test_the_native_term_replayed_from_the_head_is_the_models_own_loss_without_v
     rows, collator = lm_data
     trainer = hkt_lm_trainer(tiny_lm("llama", 16, seed=1), tiny_lm("llama", 32, seed=2), tmp_path, lm_data)
     batch = collator(rows[:4])
-    trainer._ensure_adapter(trainer.model, batch)
     assert trainer._objective.native_replay
     replayed = objective_on(trainer, batch, native_replay=True)
     own = objective_on(trainer, batch, native_replay=False)
@@ -185,12 +182,10 @@ def test_the_native_term_replayed_from_the_head_is_the_models_own_loss_without_v
 
 @pytest.mark.parametrize("setting", ["label_smoothing", "two_carriers"])
 def test_the_models_own_loss_stays_the_native_term_where_replaying_would_change_it(setting, tmp_path, lm_data):
-    rows, collator = lm_data
     overrides = dict(label_smoothing_factor=0.1) if setting == "label_smoothing" else dict(
         hkt_carriers=["auto", LAYER_CARRIERS["llama"]])
     trainer = hkt_lm_trainer(tiny_lm("llama", 16, seed=1), tiny_lm("llama", 32, seed=2), tmp_path, lm_data,
                              **overrides)
-    trainer._ensure_adapter(trainer.model, collator(rows[:4]))
     assert not trainer._objective.native_replay
 
 
@@ -206,7 +201,7 @@ def test_gate_statistics_and_kd_use_real_positions_only(tmp_path, lm_data):
     batch = collator([rows[i] for i in (0, 5, 9, 13)])
     mask = batch["attention_mask"].bool()
     assert not mask.all()  # the batch is padded
-    adapter = trainer._ensure_adapter(child, batch)
+    adapter = trainer.hkt_adapter
     child.train()
     result = trainer._objective(child, adapter, batch, trainer._native_loss)
 
@@ -252,7 +247,7 @@ def test_forward_passes_per_step(tmp_path, lm_data, carriers, weights, kd, expec
     trainer = hkt_lm_trainer(child, parent, tmp_path, lm_data, hkt_carriers=carriers, hkt_loss_weights=weights,
                              hkt_kd_weight=kd)
     batch = collator(rows[:4])
-    adapter = trainer._ensure_adapter(child, batch)
+    adapter = trainer.hkt_adapter
     order: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda *_, role=role: order.append(role))
              for role, m in (("parent", parent), ("child", child))]
@@ -273,8 +268,6 @@ def test_forward_passes_per_step(tmp_path, lm_data, carriers, weights, kd, expec
 def test_objective_takes_the_training_arguments(tmp_path, lm_data):
     child, parent = tiny_lm("llama", 16, seed=1), tiny_lm("llama", 32, seed=2)
     trainer = hkt_lm_trainer(child, parent, tmp_path, lm_data, hkt_loss_weights=[1, 0.5, 0.25])
-    rows, collator = lm_data
-    trainer._ensure_adapter(child, collator(rows[:4]))
     assert isinstance(trainer._objective, HKTObjective) and trainer._objective.weights == (1.0, 0.5, 0.25)
 
 

@@ -95,8 +95,6 @@ def test_roberta_head_input_tokens_with_dynamic_padding(tmp_path, sentences):
     trainer = train(tiny_roberta(16, seed=1), tiny_roberta(32, seed=2), tmp_path, sentences, ["auto"])
     name = "classifier:input=classifier:input"
     assert all(f"hkt/{name}/gate_at_head_token" in log for log in logged(trainer))
-    batch = DataCollatorWithPadding(TOKENIZER)(sentences[:4])
-    trainer._ensure_adapter(trainer.model, batch)
     assert trainer._objective.replay
 
 
@@ -109,7 +107,7 @@ def test_decoder_classifier_gate_at_the_last_real_token(tmp_path, sentences):
                          data_collator=DataCollatorWithPadding(TOKENIZER))
     batch = DataCollatorWithPadding(TOKENIZER)([sentences[i] for i in (0, 3, 7, 11)])
     assert not batch["attention_mask"].all()
-    adapter = trainer._ensure_adapter(child, batch)
+    adapter = trainer.hkt_adapter
     child.train()
     result = trainer._objective(child, adapter, batch, trainer._native_loss)
     last = batch["attention_mask"].sum(1) - 1  # right padding
@@ -127,7 +125,7 @@ def test_token_features_of_different_lengths_ask_for_token_aligned_inputs(tmp_pa
     trainer = HKTTrainer(model=child, args=args, parent_model=parent, train_dataset=sentences,
                          data_collator=DataCollatorWithPadding(TOKENIZER))
     batch = DataCollatorWithPadding(TOKENIZER)(sentences[:4])
-    adapter = trainer._ensure_adapter(child, batch)
+    adapter = trainer.hkt_adapter
     longer = {k: torch.nn.functional.pad(v, (0, 3)) for k, v in batch.items() if k != "labels"}
     original = parent.forward
     parent.forward = lambda **kw: original(**longer)  # the parent sees 3 more (padding) tokens

@@ -80,10 +80,9 @@ def test_unknown_carrier_module_lists_the_closest_names(tmp_path):
 
 def test_carrier_shapes_that_cannot_be_aligned(tmp_path):
     # Tokens [N, D] from the parent's last layer norm against the child's pooled head input [D].
-    trainer = trainer_for(tmp_path, hkt_carriers=["vit.layernorm=classifier:input"])
-    parent, child = trainer.parent_model, trainer.model
-    with pytest.raises(ValueError) as err:
-        trainer.train()
+    parent, child = vit_pair()
+    with pytest.raises(ValueError) as err:  # at construction: the probe of the first batch builds the aligners
+        trainer_for(tmp_path, parent=parent, child=child, hkt_carriers=["vit.layernorm=classifier:input"])
     message = str(err.value)
     assert "Cannot align carrier 'vit.layernorm=classifier:input'" in message
     assert "tokens [N, D]" in message and "vector [C]" in message
@@ -155,7 +154,10 @@ def test_output_dir_that_would_overwrite_the_parent_is_refused(tmp_path):
 
 
 def test_empty_dataset_is_refused(tmp_path):
-    trainer = trainer_for(tmp_path, n=0)
+    with pytest.raises(ValueError, match="training dataset is empty; HKT needs labelled training examples"):
+        trainer_for(tmp_path, n=0)
+    trainer = trainer_for(tmp_path)
+    trainer.train_dataset = image_dataset(0)
     with pytest.raises(ValueError, match="training dataset is empty; HKT needs labelled training examples"):
         trainer.train()
     split = DatasetDict(train=Dataset.from_dict({"img": [], "label": []}))
@@ -413,8 +415,10 @@ def test_resume_true_without_a_complete_checkpoint(tmp_path):
 
 
 def test_no_hooks_or_adapter_after_train(tmp_path):
-    trainer = trainer_for(tmp_path, hkt_carriers=["vit.embeddings=vit.embeddings", "vit.layers.0=vit.layers.0"])
-    keys = set(trainer.model.state_dict())
+    parent, child = vit_pair()
+    keys = set(child.state_dict())
+    trainer = trainer_for(tmp_path, parent=parent, child=child,
+                          hkt_carriers=["vit.embeddings=vit.embeddings", "vit.layers.0=vit.layers.0"])
     trainer.train()
     assert_clean(trainer.parent_model, trainer.model)
     assert set(trainer.model.state_dict()) == keys and trainer.hkt_adapter is not None

@@ -73,8 +73,10 @@ def genetic_mix(q: torch.Tensor, p: torch.Tensor, lam: float = LAM) -> torch.Ten
 
 
 def hkt_trainer(child: nn.Module, parent: nn.Module, tmp_path, dataset=None, **overrides) -> HKTTrainer:
+    """The trainer builds its adapter from its first training batch: CIFAR-sized images unless `dataset` is given."""
     values = dict(hkt_gate="genetic", hkt_lambda=LAM, remove_unused_columns=False) | overrides
     args = H.training_args(tmp_path, **values)
+    dataset = dataset if dataset is not None else H.image_dataset(8, num_labels=10, size=32)
     return HKTTrainer(child, args, train_dataset=dataset, parent_model=parent)
 
 
