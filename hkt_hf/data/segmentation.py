@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from PIL import Image
-from transformers import BaseImageProcessor, DefaultDataCollator
+from transformers import BaseImageProcessor
 
 from .images import IMAGE_COLUMNS, LABEL_COLUMNS, find_column, to_rgb_array
 
