@@ -34,9 +34,9 @@ from harness import notes_lines, run_missing, run_or_report, write_report
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments
-from hkt_hf.data.images import image_collator
+from hkt_hf.apps.data.images import image_collator
 from hkt_hf.hub import load_lineage
-from hkt_hf.metrics import top1_accuracy
+from hkt_hf.apps.metrics import top1_accuracy
 from hkt_hf.model_card import render_model_card
 
 LOG_NAME = "cifar10.jsonl"

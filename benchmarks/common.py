@@ -17,9 +17,9 @@ from harness import CACHE, REPO
 from torch import nn
 from torch.utils.data import Dataset
 
-from hkt_hf.data.images import load_image_dataset, random_crop_flip, strided_subset, to_rgb_array
-from hkt_hf.models import IMAGENET_MEAN, IMAGENET_STD, CifarResNetForImageClassification
-from hkt_hf.models.cifar_resnet.convert_reference_checkpoint import import_checkpoint
+from hkt_hf.apps.data.images import load_image_dataset, random_crop_flip, strided_subset, to_rgb_array
+from hkt_hf.apps.models import IMAGENET_MEAN, IMAGENET_STD, CifarResNetForImageClassification
+from hkt_hf.apps.models.cifar_resnet.convert_reference_checkpoint import import_checkpoint
 
 SHARED = REPO.parent / "shared"
 CIFAR_DIR = SHARED / "data" / "cifar10"
@@ -67,7 +67,7 @@ def decoded_split(split: str, rows: int | None = None, cache: Path = CACHE) -> t
 
 def normalise(image: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 -> 3xHxW float, rescaled to [0, 1] and normalised with ImageNet mean/std, exactly as
-    `hkt_hf.models.cifar_image_processor()` does (checked in tests/test_benchmarks.py)."""
+    `hkt_hf.apps.models.cifar_image_processor()` does (checked in tests/test_benchmarks.py)."""
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
     return (x - _MEAN) / _STD
 

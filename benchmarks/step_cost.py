@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments
-from hkt_hf.data.images import image_collator
+from hkt_hf.apps.data.images import image_collator
 from hkt_hf.mixture import GeneticGate
 
 KD_TEMPERATURE = 4.0

@@ -42,7 +42,7 @@ from transformers import (
 
 from hkt_hf import HKTTrainer as Trainer
 from hkt_hf import HKTTrainingArguments as TrainingArguments
-from hkt_hf.data.images import image_collator, load_image_dataset, prepare_image_dataset, strided_subset
+from hkt_hf.apps.data.images import image_collator, load_image_dataset, prepare_image_dataset, strided_subset
 
 
 @dataclass

@@ -6,7 +6,7 @@ seed: RAFT-small trained alone, with classic KD (L1 between its final flow and t
 2 carriers (feature encoder and context encoder outputs, 1/8 resolution) and on 3 (plus the feature encoder's
 1/4-resolution `layer2`). Reports the end-point error (EPE, pixels) of the child alone at evaluation.
 
-Data: pairs with exactly known flow made from real CIFAR-10 images by known warps (`hkt_hf.data.optical_flow`: a mosaic
+Data: pairs with exactly known flow made from real CIFAR-10 images by known warps (`hkt_hf.apps.data.optical_flow`: a mosaic
 background and 1-2 elliptical objects, each moving by its own random similarity transform, FlyingChairs-style;
 128x128, RAFT's minimum). Training pairs come from the train split, evaluation pairs from the test split, seeded
 and reproducible. It is a synthetic motion of real photographs, not Sintel or KITTI. `--images` takes any image
@@ -33,10 +33,10 @@ from typing import Any
 from transformers import Trainer, TrainingArguments, set_seed
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments
-from hkt_hf.data.images import CIFAR10_HUB_ID, load_image_dataset
-from hkt_hf.data.optical_flow import KnownWarpFlow
-from hkt_hf.metrics import evaluate_flow
-from hkt_hf.models import RaftConfig, RaftForOpticalFlow
+from hkt_hf.apps.data.images import CIFAR10_HUB_ID, load_image_dataset
+from hkt_hf.apps.data.optical_flow import KnownWarpFlow
+from hkt_hf.apps.metrics import evaluate_flow
+from hkt_hf.apps.models import RaftConfig, RaftForOpticalFlow
 
 # The comparison harness (resumable run log, KD baseline settings, cached parent) is the benchmarks' own.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -5,7 +5,7 @@ with classic per-pixel KD from the parent, and the child trained with HKT on sev
 (feature maps [B, C, H, W] gated per spatial position, and token sequences [B, N, D] gated per token). Reports mean
 IoU (and pixel accuracy) of the child alone at evaluation, never the parent or the gates.
 
-Data. By default: the "pasted objects" task of `hkt_hf.data.segmentation`, built from real CIFAR-10 images (2-4 images
+Data. By default: the "pasted objects" task of `hkt_hf.apps.data.segmentation`, built from real CIFAR-10 images (2-4 images
 pasted onto a 64x64 random background, mask = CIFAR class + 1 over each pasted square, 0 = background, 11 labels);
 training scenes come from the CIFAR train split, evaluation scenes from the test split, seeded and reproducible.
 It is a synthetic layout of real photographs, not a natural segmentation benchmark. `--dataset` takes any
@@ -38,9 +38,9 @@ from transformers import (
 )
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments
-from hkt_hf.data.images import CIFAR10_HUB_ID, load_image_dataset, strided_subset
-from hkt_hf.data.segmentation import make_pasted_segmentation, prepare_segmentation_dataset
-from hkt_hf.metrics import evaluate_segmentation
+from hkt_hf.apps.data.images import CIFAR10_HUB_ID, load_image_dataset, strided_subset
+from hkt_hf.apps.data.segmentation import make_pasted_segmentation, prepare_segmentation_dataset
+from hkt_hf.apps.metrics import evaluate_segmentation
 
 # The comparison harness (resumable run log, KD baseline settings, cached parent) is the benchmarks' own.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -1,7 +1,7 @@
 """The paper's CIFAR-10 setting: a ResNet-56 parent passes its knowledge to a ResNet-20 child with HKT.
 
 Both models come from the public reference checkpoints (`resnet56-4bfd9763.th`, `resnet20-12fca82f.th`, read with
-`hkt_hf.models.cifar_resnet.convert_reference_checkpoint.import_checkpoint`) or from save_pretrained folders / Hub ids. The recipe is the reference one:
+`hkt_hf.apps.models.cifar_resnet.convert_reference_checkpoint.import_checkpoint`) or from save_pretrained folders / Hub ids. The recipe is the reference one:
 SGD lr 0.01, momentum 0.9, weight decay 1e-4, batch 128, random crop (pad 4) + horizontal flip, ImageNet mean/std;
 the carrier is the pooled feature that feeds each classifier (`--hkt_carriers auto`). Every TrainingArguments and
 HKT flag works (`--num_train_epochs`, `--hkt_lambda`, `--bf16`, ...).
@@ -21,9 +21,9 @@ from pathlib import Path
 from transformers import AutoModelForImageClassification, HfArgumentParser
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments, cifar_image_processor
-from hkt_hf.models.cifar_resnet.convert_reference_checkpoint import import_checkpoint
-from hkt_hf.data.images import CIFAR10_HUB_ID, image_collator, load_image_dataset, prepare_image_dataset, strided_subset
-from hkt_hf.metrics import top1_accuracy
+from hkt_hf.apps.models.cifar_resnet.convert_reference_checkpoint import import_checkpoint
+from hkt_hf.apps.data.images import CIFAR10_HUB_ID, image_collator, load_image_dataset, prepare_image_dataset, strided_subset
+from hkt_hf.apps.metrics import top1_accuracy
 
 # The reference recipe, as defaults every flag can override.
 REFERENCE_RECIPE = dict(

@@ -83,7 +83,7 @@ def checkpoint_path():
 
 @pytest.fixture(scope="session")
 def _cifar_test_split_pristine(cifar_test_parquet):
-    from hkt_hf.data.images import load_image_dataset
+    from hkt_hf.apps.data.images import load_image_dataset
 
     return load_image_dataset(str(cifar_test_parquet))["test"]
 
@@ -111,7 +111,7 @@ def tiny_cifar_dir(tmp_path_factory, _cifar_test_split_pristine) -> Path:
 
 @pytest.fixture(scope="session")
 def _tiny_cifar_pristine(tiny_cifar_dir):
-    from hkt_hf.data.images import load_image_dataset
+    from hkt_hf.apps.data.images import load_image_dataset
 
     return load_image_dataset(str(tiny_cifar_dir))
 
@@ -129,7 +129,7 @@ def tiny_cifar(_tiny_cifar_pristine):
 @pytest.fixture(scope="session")
 def resnet20_dir(tmp_path_factory, checkpoint_path) -> Path:
     """The reference ResNet-20 imported into a save_pretrained folder (model, config, preprocessor)."""
-    from hkt_hf.models.cifar_resnet.convert_reference_checkpoint import import_checkpoint
+    from hkt_hf.apps.models.cifar_resnet.convert_reference_checkpoint import import_checkpoint
 
     out = tmp_path_factory.mktemp("resnet20")
     import_checkpoint(checkpoint_path("resnet20"), out)

@@ -36,7 +36,7 @@ from common import CifarTensors, normalise  # noqa: E402
 from helpers import needs_shared, one_torch_thread  # noqa: E402
 
 import hkt_hf  # noqa: E402
-from hkt_hf.models import cifar_image_processor  # noqa: E402
+from hkt_hf.apps.models import cifar_image_processor  # noqa: E402
 
 
 def run_script(*args: str) -> str:

@@ -23,7 +23,7 @@ from transformers import (
 import helpers as H
 from hkt_hf import HKTSeq2SeqTrainer, HKTSeq2SeqTrainingArguments
 from hkt_hf.carriers import BlockStack, block_stacks, resolve_carriers
-from hkt_hf.models.cifar_resnet import CifarResNetConfig, CifarResNetForImageClassification
+from hkt_hf.apps.models.cifar_resnet import CifarResNetConfig, CifarResNetForImageClassification
 
 VOCAB = 40
 

@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 import helpers as H
 from hkt_hf import HKTTrainer
 from hkt_hf.carriers import resolve_carriers
-from hkt_hf.models.cifar_resnet import CifarResNetConfig, CifarResNetForImageClassification
+from hkt_hf.apps.models.cifar_resnet import CifarResNetConfig, CifarResNetForImageClassification
 
 
 def llama(layers: int, hidden: int = 16) -> LlamaForCausalLM:

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from hkt_hf.models.cifar_resnet.convert_reference_checkpoint import import_checkpoint, infer_depth, load_reference_state_dict
-from hkt_hf.data.images import load_image_dataset, prepare_image_dataset, strided_subset
-from hkt_hf.metrics import top1_accuracy
-from hkt_hf.models import IMAGENET_MEAN, IMAGENET_STD, CifarResNetForImageClassification
+from hkt_hf.apps.models.cifar_resnet.convert_reference_checkpoint import import_checkpoint, infer_depth, load_reference_state_dict
+from hkt_hf.apps.data.images import load_image_dataset, prepare_image_dataset, strided_subset
+from hkt_hf.apps.metrics import top1_accuracy
+from hkt_hf.apps.models import IMAGENET_MEAN, IMAGENET_STD, CifarResNetForImageClassification
 
 
 class NotATensor:
@@ -141,7 +141,7 @@ def test_wrong_content_is_reported(checkpoint_path, tmp_path):
 
 
 def _independent_predictions(model: torch.nn.Module, parquet_path, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Predictions computed without hkt_hf.data, datasets or the image processor: pyarrow, PIL and numpy only."""
+    """Predictions computed without hkt_hf.apps.data, datasets or the image processor: pyarrow, PIL and numpy only."""
     table = pq.read_table(parquet_path, columns=["img", "label"])
     images = table.column("img").to_pylist()
     labels = np.asarray(table.column("label").to_pylist())[rows]

@@ -10,11 +10,11 @@ import pytest
 from datasets import DatasetDict
 from transformers import AutoModelForImageClassification
 
-from hkt_hf import cli
-from hkt_hf.cli import evaluate as evaluate_command
-from hkt_hf.data.images import load_image_dataset, prepare_image_dataset, strided_subset
-from hkt_hf.metrics import top1_accuracy
-from hkt_hf.models import cifar_image_processor
+from hkt_hf.apps import cli
+from hkt_hf.apps.cli import evaluate as evaluate_command
+from hkt_hf.apps.data.images import load_image_dataset, prepare_image_dataset, strided_subset
+from hkt_hf.apps.metrics import top1_accuracy
+from hkt_hf.apps.models import cifar_image_processor
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -14,10 +14,10 @@ from datasets import DatasetDict
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from hkt_hf import HKTTrainingArguments, cli
-from hkt_hf.cli import train as train_command
+from hkt_hf.apps.cli import train as train_command
 from hkt_hf.lineage import read_lineage
-from hkt_hf.data.images import load_image_dataset, prepare_image_dataset, strided_subset
-from hkt_hf.metrics import top1_accuracy
+from hkt_hf.apps.data.images import load_image_dataset, prepare_image_dataset, strided_subset
+from hkt_hf.apps.metrics import top1_accuracy
 from hub_server import FakeHub
 from test_hub import hub_env
 
@@ -74,7 +74,7 @@ def test_push_sends_the_child_and_its_metrics_to_the_hub(trained, tmp_path):
     _, out_dir = trained
     with FakeHub() as hub:
         env = hub_env(tmp_path / "hf-home", HF_ENDPOINT=hub.endpoint)
-        proc = subprocess.run([sys.executable, "-m", "hkt_hf.cli", "push", str(out_dir), "cli-child",
+        proc = subprocess.run([sys.executable, "-m", "hkt_hf.apps.cli", "push", str(out_dir), "cli-child",
                                "--token", "hf_test", "--dataset", "uoft-cs/cifar10"],
                               env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset, DatasetDict, Image as ImageFeature
 from PIL import Image
 
-from hkt_hf.data.images import (
+from hkt_hf.apps.data.images import (
     image_collator,
     load_image_dataset,
     prepare_image_dataset,
@@ -16,7 +16,7 @@ from hkt_hf.data.images import (
     strided_subset,
     to_rgb_array,
 )
-from hkt_hf.models import IMAGENET_MEAN, IMAGENET_STD, cifar_image_processor
+from hkt_hf.apps.models import IMAGENET_MEAN, IMAGENET_STD, cifar_image_processor
 
 PAD = 4
 

@@ -7,8 +7,8 @@ import re
 import pytest
 from PIL import Image
 
-from hkt_hf import cli
-from hkt_hf.demo import RUNS, DemoRecipe, DemoReport, RunResult, digits_task, format_table
+from hkt_hf.apps import cli
+from hkt_hf.apps.demo import RUNS, DemoRecipe, DemoReport, RunResult, digits_task, format_table
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

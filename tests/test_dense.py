@@ -16,9 +16,9 @@ from PIL import Image
 from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessorPil
 
 from hkt_hf import HKTTrainer
-from hkt_hf.data.segmentation import make_pasted_segmentation, paste_scene, prepare_segmentation_dataset
+from hkt_hf.apps.data.segmentation import make_pasted_segmentation, paste_scene, prepare_segmentation_dataset
 from hkt_hf.extraction import FeatureExtractor, FeatureSpec
-from hkt_hf.metrics import confusion_matrix, evaluate_segmentation, iou_scores
+from hkt_hf.apps.metrics import confusion_matrix, evaluate_segmentation, iou_scores
 from hkt_hf.losses import kd_loss
 from hkt_hf.parent import frozen
 from hkt_hf.transfer import Aligner

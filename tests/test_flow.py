@@ -15,11 +15,11 @@ from helpers import import_example
 from hkt_hf import HKTTrainer, HKTTrainingArguments
 from hkt_hf.lineage import read_lineage
 from hkt_hf.parent import frozen
-from hkt_hf.data.images import load_image_dataset
-from hkt_hf.data.optical_flow import KnownWarpFlow
-from hkt_hf.metrics import evaluate_flow
-from hkt_hf.models import RaftConfig, RaftForOpticalFlow
-from hkt_hf.models.raft import OpticalFlowOutput, sequence_loss
+from hkt_hf.apps.data.images import load_image_dataset
+from hkt_hf.apps.data.optical_flow import KnownWarpFlow
+from hkt_hf.apps.metrics import evaluate_flow
+from hkt_hf.apps.models import RaftConfig, RaftForOpticalFlow
+from hkt_hf.apps.models.raft import OpticalFlowOutput, sequence_loss
 from hkt_hf.losses import kd_loss
 
 TWO = ["raft.feature_encoder=raft.feature_encoder", "raft.context_encoder=raft.context_encoder"]

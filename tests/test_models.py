@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageClassification,
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutputWithNoAttention
 
 from hkt_hf import CifarResNetConfig, CifarResNetForImageClassification, CifarResNetModel, cifar_image_processor
-from hkt_hf.models import CIFAR10_LABELS
+from hkt_hf.apps.models import CIFAR10_LABELS
 
 
 def n_params(model: torch.nn.Module) -> int:

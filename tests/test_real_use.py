@@ -29,7 +29,7 @@ from transformers import (
 
 import helpers as H
 from hkt_hf import HKTTrainer
-from hkt_hf.models import CifarResNetConfig, CifarResNetForImageClassification
+from hkt_hf.apps.models import CifarResNetConfig, CifarResNetForImageClassification
 from hkt_hf.trainer import HKTSeq2SeqTrainer
 from hkt_hf.training_args import HKTSeq2SeqTrainingArguments
 from test_language_models import tiny_lm

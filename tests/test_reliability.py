@@ -23,11 +23,11 @@ import kill_resume_worker
 from helpers import NUM_LABELS, hooked_modules, image_dataset, tiny_vit, training_args
 from hkt_hf import CifarResNetConfig, CifarResNetForImageClassification, HKTTrainer
 from hkt_hf.adapter import ADAPTER_NAME, ADAPTER_WEIGHTS_NAME
-from hkt_hf.models.cifar_resnet.convert_reference_checkpoint import load_reference_state_dict
+from hkt_hf.apps.models.cifar_resnet.convert_reference_checkpoint import load_reference_state_dict
 from hkt_hf.checkpointing import COMPLETE_MARKER, is_complete
 from hkt_hf.lineage import FORMAT_VERSION, HKT_CONFIG_NAME, read_lineage, write_lineage
-from hkt_hf.data.images import image_collator, prepare_image_dataset
-from hkt_hf.models import IMAGENET_MEAN, IMAGENET_STD, cifar_image_processor
+from hkt_hf.apps.data.images import image_collator, prepare_image_dataset
+from hkt_hf.apps.models import IMAGENET_MEAN, IMAGENET_STD, cifar_image_processor
 from hkt_hf.objective import NonFiniteLossError
 
 AUTO = "classifier:input=classifier:input"

@@ -28,7 +28,7 @@ from transformers import (
 
 import helpers as H
 from hkt_hf.carriers import resolve_carriers
-from hkt_hf.models import CifarResNetForImageClassification, RaftForOpticalFlow
+from hkt_hf.apps.models import CifarResNetForImageClassification, RaftForOpticalFlow
 from hkt_hf.probing import head_replay_possible, probe
 from hkt_hf.tasks import auto_class_for, is_classifier, task_of
 

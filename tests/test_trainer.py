@@ -27,9 +27,9 @@ from transformers import (
 import helpers as H
 from hkt_hf import HKTTrainer, HKTTrainingArguments, cifar_image_processor
 from hkt_hf.adapter import ADAPTER_WEIGHTS_NAME, HKTAdapter
-from hkt_hf.models.cifar_resnet.convert_reference_checkpoint import import_checkpoint
+from hkt_hf.apps.models.cifar_resnet.convert_reference_checkpoint import import_checkpoint
 from hkt_hf.lineage import HKT_CONFIG_NAME
-from hkt_hf.data.images import prepare_image_dataset, strided_subset
+from hkt_hf.apps.data.images import prepare_image_dataset, strided_subset
 from hkt_hf.objective import HKTObjective, StepResult
 from hkt_hf.transfer import Aligner, match_size
 

@@ -37,7 +37,7 @@ def saved_metrics(folder: Path) -> dict[str, dict[str, float]]:
 def run(options: PushOptions) -> int:
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
-    from ..hub import push_child
+    from hkt_hf.hub import push_child
 
     folder = Path(options.folder)
     if not folder.is_dir():

@@ -27,11 +27,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
+from hkt_hf.trainer import HKTTrainer
+from hkt_hf.training_args import HKTTrainingArguments
+
 from .data.images import image_collator
 from .metrics import top1_accuracy
 from .models import CifarResNetConfig, CifarResNetForImageClassification
-from .trainer import HKTTrainer
-from .training_args import HKTTrainingArguments
 
 RUNS = ("parent", "child alone", "KD", "HKT")
 DIGITS_TEST_FRACTION = 0.25

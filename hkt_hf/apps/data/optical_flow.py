@@ -1,5 +1,5 @@
 """Optical-flow data with exactly known flow, made from real photographs by known warps (the end-point error is in
-`hkt_hf.metrics`).
+`hkt_hf.apps.metrics`).
 
 No optical-flow dataset can be downloaded offline, so pairs are built in the manner of FlyingChairs: a background
 mosaic of real images (e.g. CIFAR-10, each resized to `tile` pixels) moves by one random similarity transform

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from transformers import HfArgumentParser
 
-from .. import __version__
+from hkt_hf import __version__
 from . import demo, evaluate, import_checkpoint, push, train
 from .common import PROG, CliError, Command, command_parser, options_from
 

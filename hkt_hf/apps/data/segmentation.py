@@ -1,5 +1,5 @@
 """Segmentation data: a reproducible segmentation task built from real classification images, and any Hub
-segmentation dataset prepared for SegFormer-style models (mean IoU is in `hkt_hf.metrics`).
+segmentation dataset prepared for SegFormer-style models (mean IoU is in `hkt_hf.apps.metrics`).
 
 The "pasted objects" task (no segmentation dataset can be downloaded offline): each scene is a 64x64 canvas with a
 smooth random colour background (label 0) onto which 2-4 real images (e.g. CIFAR-10) are pasted, each resized to a

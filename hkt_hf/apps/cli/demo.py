@@ -1,5 +1,5 @@
 """`hkt-hf demo`: parent, child alone, KD and HKT trained and compared in about a minute on a CPU (the runs, table
-and plot are in `hkt_hf.demo`; this module reads the options and builds the task)."""
+and plot are in `hkt_hf.apps.demo`; this module reads the options and builds the task)."""
 
 from __future__ import annotations
 

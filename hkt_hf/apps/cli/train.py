@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from ..training_args import HKTTrainingArguments
+from hkt_hf.training_args import HKTTrainingArguments
 from .common import PROG, CliError, Command, command_parser, label_count, load_dataset, load_model, load_processor, \
     options_from, pick_split, positional
 
@@ -111,7 +111,7 @@ def run(data: TrainOptions, training_args: TrainArguments) -> int:
 
     from ..data.images import image_collator, prepare_image_dataset, strided_subset
     from ..metrics import top1_accuracy
-    from ..trainer import HKTTrainer
+    from hkt_hf.trainer import HKTTrainer
 
     missing = [flag for flag, value in (("--child", data.child), ("--parent", training_args.hkt_parent),
                                         ("--dataset", data.dataset)) if not value]
