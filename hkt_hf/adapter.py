@@ -18,6 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
+from .compat import keys_ignored_on_save
+
 from .carriers import CarrierPair
 from .extraction import base_of
 from .mixture import build_gate
@@ -57,19 +59,13 @@ class HKTAdapter(nn.Module):
         return aligner(mixed if weight is None else mixed.to(weight.dtype)).to(dtype)
 
 
-def _ignored_on_save(host: nn.Module) -> set[str] | None:
-    """transformers' per-model set of state-dict keys that `save_pretrained` leaves out (None for plain modules)."""
-    keys = getattr(host, "_keys_to_ignore_on_save", None)
-    return keys if isinstance(keys, set) else None
-
-
 def inject_adapter(child: nn.Module, adapter: HKTAdapter) -> None:
     """Attach `adapter` as `hkt_adapter` of the child (of its base model for a PEFT child), replacing any earlier one,
     and keep its keys out of the child's saved weights."""
     remove_adapter(child)
     host = base_of(child)
     host.add_module(ADAPTER_NAME, adapter)
-    ignored = _ignored_on_save(host)
+    ignored = keys_ignored_on_save(host)
     if ignored is not None:
         ignored.update(f"{ADAPTER_NAME}.{key}" for key in adapter.state_dict())
 
@@ -85,7 +81,7 @@ def remove_adapter(child: nn.Module) -> HKTAdapter | None:
     if adapter is not None:
         host = base_of(child)
         delattr(host, ADAPTER_NAME)
-        ignored = _ignored_on_save(host)
+        ignored = keys_ignored_on_save(host)
         if ignored is not None:
             ignored.difference_update(f"{ADAPTER_NAME}.{key}" for key in adapter.state_dict())
     return adapter

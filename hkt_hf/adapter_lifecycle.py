@@ -29,7 +29,7 @@ from .extraction import base_of
 from .objective import HKTObjective
 from .parent import check_compatible, check_vocabularies
 from .probing import head_replay_possible, own_loss_replayable, probe
-from .transformers_workarounds import ResumeWithWeightConversion
+from .compat import ResumeWithWeightConversion
 
 logger = logging.get_logger(__name__)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .compat import no_split_module_classes
 from .extraction import FeatureSpec, base_of, resolve_module
 from .tasks import loss_task
 
@@ -99,7 +100,7 @@ def block_stacks(model: nn.Module, role: str = "model") -> list[BlockStack]:
     there too are never blocks, even in a 1-layer model. Its stack is the outermost such list above it: a transformer's
     layer list (an encoder-decoder has two, its encoder's and its decoder's), a CNN's stage or list of stages."""
     base = base_of(model)
-    classes = set(getattr(base, "_no_split_modules", None) or ())
+    classes = no_split_module_classes(base)
     if not classes:
         raise ValueError(
             f"The {role} ({type(base).__name__}) lists no block classes in `_no_split_modules`, so `blocks` carriers "

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from .compat import hub_commit
 from .extraction import base_of
 from .training_args import HKTTrainingArguments, validate_hkt_settings
 
@@ -82,7 +83,7 @@ def _whole(tensor: torch.Tensor, param: nn.Parameter | None) -> torch.Tensor:
 def parent_identity(parent: nn.Module) -> dict[str, str | None]:
     """The parent's identity by content: its fingerprint and, when pulled from the Hub, the commit it was pulled at."""
     config = getattr(base_of(parent), "config", None)
-    return {"parent_sha256": parent_fingerprint(parent), "parent_commit": getattr(config, "_commit_hash", None)}
+    return {"parent_sha256": parent_fingerprint(parent), "parent_commit": hub_commit(config)}
 
 
 def lineage_record(

@@ -111,13 +111,6 @@ class LearnedGate(Gate):
         # Shape [1], not a scalar: FSDP2's fully_shard refuses 0-dim parameters.
         self.lam_logit = nn.Parameter(torch.tensor([math.log(lam / (1 - lam))]))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints written before lam_logit had shape [1] hold it as a scalar.
-        key = prefix + "lam_logit"
-        if key in state_dict and state_dict[key].ndim == 0:
-            state_dict[key] = state_dict[key].reshape(1)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def logits(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         # Called as modules (ZeRO-3 gathers their weights in a pre-forward hook), in the projections' own dtype (a
         # bf16 child's adapter is bf16); the gate itself stays in fp32 (see Gate.forward).

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compat import is_batch_norm
 from .extraction import base_of
 from .tasks import auto_class_for, is_classifier, task_of
 
@@ -138,7 +139,7 @@ def saved_tokenizer(parent: nn.Module, name: str | None, revision: str | None = 
     loaded from; None when there is none."""
     from transformers import AutoTokenizer
 
-    loaded_from = getattr(getattr(base_of(parent), "config", None), "_name_or_path", None)
+    loaded_from = getattr(getattr(base_of(parent), "config", None), "name_or_path", None)
     for source in dict.fromkeys((name, loaded_from)):
         if not isinstance(source, str) or not source:
             continue
@@ -276,7 +277,7 @@ def frozen(parent: nn.Module, mode: str) -> Iterator[nn.Module]:
     parent.eval()
     if mode == "train-bn":
         for module in parent.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if is_batch_norm(module):
                 module.train()
     try:
         yield parent

@@ -11,9 +11,9 @@ from functools import lru_cache
 from typing import Any
 
 from torch import nn
-from transformers.models.bart.modeling_bart import shift_tokens_right
 from transformers.utils import find_labels
 
+from .compat import is_batch_norm, labels_shifted_right
 from .extraction import base_of
 
 
@@ -55,7 +55,7 @@ def forward_inputs(model: nn.Module, inputs: dict[str, Any], label_names: Sequen
         if callable(prepare):
             out["decoder_input_ids"] = prepare(labels=inputs["labels"])
         else:
-            out["decoder_input_ids"] = shift_tokens_right(inputs["labels"], base.config.pad_token_id,
+            out["decoder_input_ids"] = labels_shifted_right(inputs["labels"], base.config.pad_token_id,
                                                           base.config.decoder_start_token_id)
     return without_cache(model, out)
 
@@ -66,7 +66,7 @@ def running_stats_kept(model: nn.Module) -> Iterator[None]:
     not update their running statistics (nor `num_batches_tracked`): extra passes over a batch whose statistics the
     model's own pass has already counted, partly on mixed features, must not count it again."""
     norms = [m for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+             if is_batch_norm(m) and m.training and m.track_running_stats]
     for norm in norms:
         norm.track_running_stats = False
     try:

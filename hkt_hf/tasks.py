@@ -9,12 +9,10 @@ last and has no task.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import transformers
-from transformers.models.auto import modeling_auto
 from torch import nn
 
+from .compat import auto_model_class, auto_registered, auto_table_names, has_causal_lm_only
 from .extraction import base_of
 
 # (pipeline-style task, Auto class name), most specific first.
@@ -50,18 +48,11 @@ def base_model_class(model_or_class: nn.Module | type) -> type:
     return model_or_class if isinstance(model_or_class, type) else type(base_of(model_or_class))
 
 
-def _mapped_names(auto_class: type) -> Iterator[str]:
-    """Names of the model classes in `auto_class`'s built-in table (values may be one name or several)."""
-    for value in auto_class._model_mapping._model_mapping.values():
-        yield from (value,) if isinstance(value, str) else value
-
-
 def _maps(auto_class: type, cls: type) -> bool:
     """Whether `auto_class` loads exactly `cls`: registered at run time, or listed by name in transformers' table."""
-    mapping = auto_class._model_mapping
-    if any(registered is cls for registered in mapping._extra_content.values()):
+    if any(registered is cls for registered in auto_registered(auto_class)):
         return True
-    return cls.__module__.startswith("transformers.") and cls.__name__ in set(_mapped_names(auto_class))
+    return cls.__module__.startswith("transformers.") and cls.__name__ in set(auto_table_names(auto_class))
 
 
 def _auto_class(cls: type) -> tuple[str | None, type] | None:
@@ -122,8 +113,7 @@ def reads_last_token(model: nn.Module | type) -> bool:
     than its first: true for model types with a causal LM and no masked LM in transformers' tables."""
     config = getattr(base_model_class(model), "config_class", None)
     model_type = getattr(config, "model_type", None)
-    return (model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-            and model_type not in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    return has_causal_lm_only(model_type)
 
 
 def task_of_saved(config: object, architecture: str) -> tuple[str | None, str]:
@@ -131,10 +121,7 @@ def task_of_saved(config: object, architecture: str) -> tuple[str | None, str]:
     model is not loaded (e.g. when pushing it); (None, "AutoModel") when no task-specific Auto class maps it."""
     for task, name in TASK_AUTO_CLASSES:
         auto = getattr(transformers, name, None)
-        try:
-            cls = auto._model_mapping[type(config)] if auto is not None else None
-        except KeyError:
-            continue
+        cls = auto_model_class(auto, config) if auto is not None else None
         if cls is not None and cls.__name__ == architecture:
             return task, name
     return None, HEADLESS_AUTO_CLASS

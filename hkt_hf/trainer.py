@@ -4,7 +4,7 @@ Swap `Trainer` for `HKTTrainer` and `TrainingArguments` for `HKTTrainingArgument
 trains with the HKT objective (see `objective.py`). Evaluation, prediction and `save_model` see the child alone.
 Only public Trainer hooks are overridden (`train`, `compute_loss`, `log`, `save_model`, `create_model_card`, and
 `call_model_init` in `adapter_lifecycle.py`, which gives each child its adapter before any optimizer exists); the one
-workaround for a transformers bug lives in `transformers_workarounds.py`.
+workaround for a transformers bug lives in `compat.py`.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class HKTTrainer(AdapterLifecycle):
         parent = self._load_parent(parent_model if parent_model is not None else self.args.hkt_parent)
         parent_name = parent_model if isinstance(parent_model, str) else self.args.hkt_parent
         if parent_name is None:
-            parent_name = getattr(getattr(base_of(parent), "config", None), "_name_or_path", None) or None
+            parent_name = getattr(getattr(base_of(parent), "config", None), "name_or_path", None) or None
         self.parent_name = parent_name or type(base_of(parent)).__name__
         check_finite_weights(parent, self.parent_name)
         identity = parent_identity(parent)  # by content, while the parent is still whole

@@ -1,5 +1,5 @@
 """hkt-hf uses transformers' Trainer through its public hooks only; the one workaround for a transformers bug that
-needs a private member lives in `hkt_hf/transformers_workarounds.py`, with a link to the upstream issue."""
+needs a private member lives in `hkt_hf/compat.py`, with a link to the upstream issue."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from transformers import Seq2SeqTrainer, Trainer
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hkt_hf"
-WORKAROUNDS = PACKAGE / "transformers_workarounds.py"
+WORKAROUNDS = PACKAGE / "compat.py"
 PRIVATE = {n for cls in (Trainer, Seq2SeqTrainer) for n in dir(cls) if n.startswith("_") and not n.startswith("__")}
 
 

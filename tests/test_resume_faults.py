@@ -49,7 +49,7 @@ from hkt_hf.lineage import (  # noqa: E402
     parent_fingerprint,
     read_lineage,
 )
-from hkt_hf.transformers_workarounds import load_runtime_state_dict  # noqa: E402
+from hkt_hf.compat import load_runtime_state_dict  # noqa: E402
 
 CARRIER = "vit.layers.0=vit.layers.0"
 SAME_SHAPE_CARRIER = "vit.embeddings=vit.embeddings"  # [17, width] like CARRIER: an adapter of the same shapes
