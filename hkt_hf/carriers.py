@@ -21,11 +21,10 @@ from torch import nn
 
 from .compat import no_split_module_classes
 from .extraction import FeatureSpec, base_of, resolve_module
-from .tasks import loss_task
+from .tasks import LM_TASKS, loss_task
 
 MAX_BLOCK_CARRIERS = 3
 LISTS = (nn.ModuleList, nn.Sequential)  # the containers whose elements can be blocks
-LM_TASKS = frozenset({"text-generation", "text2text-generation", "fill-mask"})
 HEAD_NAMES = ("classifier", "score", "qa_outputs", "head", "fc", "linear")
 
 

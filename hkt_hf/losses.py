@@ -14,14 +14,10 @@ from torch.utils.checkpoint import checkpoint
 from transformers.loss.loss_utils import ForQuestionAnsweringLoss, ForSequenceClassificationLoss
 
 from .extraction import base_of
-from .tasks import loss_task
+from .tasks import QA_TASK, TOKEN_TASKS, loss_task
 
 IGNORE_INDEX = -100
 LOSS_CHUNK = 1024  # positions per chunk of a vocabulary-sized loss (replayed heads, KD)
-# Tasks with one target per token; their heads are replayed position by position.
-TOKEN_TASKS = frozenset({"text-generation", "text2text-generation", "fill-mask", "token-classification"})
-# Extractive QA: a start and an end logit per token; targets `start_positions` and `end_positions`.
-QA_TASK = "question-answering"
 
 
 # ---- targets ---------------------------------------------------------------------------------------------------------

@@ -15,14 +15,12 @@ from torch import nn
 
 from .carriers import CarrierPair, head_carrier
 from .extraction import FeatureExtractor, FeatureSpec, resolve_module
-from .losses import QA_TASK, TOKEN_TASKS, head_prediction, target_labels, token_loss
+from .losses import head_prediction, target_labels, token_loss
 from .objective import prediction
 from .passes import forward_inputs
-from .tasks import loss_task
+from .tasks import QA_TASK, SEQUENCE_TASKS, TOKEN_TASKS, loss_task
 
-# Tasks with one target per sample; their heads (like those of TOKEN_TASKS and extractive QA's) can be replayed on m.
-SEQUENCE_TASKS = frozenset({"text-classification", "image-classification", "audio-classification",
-                            "video-classification"})
+# Tasks whose heads can be replayed on m: per token, per sample, extractive QA.
 REPLAYABLE_TASKS = TOKEN_TASKS | SEQUENCE_TASKS | {QA_TASK}
 
 

@@ -36,11 +36,18 @@ TASK_AUTO_CLASSES: tuple[tuple[str, str], ...] = (
     ("image-to-image", "AutoModelForImageToImage"),
 )
 HEADLESS_AUTO_CLASS = "AutoModel"
-# Tasks whose model predicts labels from `config.num_labels` (per sample, or per token).
-CLASSIFICATION_TASKS = frozenset(
-    {"text-classification", "token-classification", "image-classification", "audio-classification",
-     "video-classification"}
-)
+
+# Task categories, defined here once. Language models: their head is the output embeddings.
+LM_TASKS = frozenset({"text-generation", "text2text-generation", "fill-mask"})
+# One target per token: language models and token classifiers.
+TOKEN_TASKS = LM_TASKS | {"token-classification"}
+# One target per sample.
+SEQUENCE_TASKS = frozenset({"text-classification", "image-classification", "audio-classification",
+                            "video-classification"})
+# Extractive question answering: start and end positions.
+QA_TASK = "question-answering"
+# Models that predict labels from `config.num_labels` (per sample, or per token).
+CLASSIFICATION_TASKS = SEQUENCE_TASKS | {"token-classification"}
 
 
 def base_model_class(model_or_class: nn.Module | type) -> type:
