@@ -97,7 +97,8 @@ class AdapterLifecycle(ResumeWithWeightConversion):
         adapter.to(device=self.args.device, dtype=next(child.parameters()).dtype)
         inject_adapter(child, adapter)
         self.hkt_adapter = adapter
-        self._objective = HKTObjective(self.parent_model, self.carriers, self.args, replay, native_replay)
+        self._objective = HKTObjective(self.parent_model, self.carriers, self.args.objective_settings(), replay,
+                                       native_replay)
         return adapter
 
     def _forked_rng(self) -> AbstractContextManager:

@@ -49,6 +49,7 @@ from .mixture import GateOutput, masked_mean
 from .parent import shared_vocabulary
 from .passes import forward_inputs, model_label_names, running_stats_kept, without_cache
 from .tasks import reads_last_token, task_of
+from .training_args import ObjectiveSettings
 from .transfer import match_size
 
 NativeLoss = Callable[[dict[str, Any]], tuple[torch.Tensor, Any]]
@@ -171,14 +172,14 @@ def describe_nonfinite(parts: dict[str, torch.Tensor], q: dict[int, torch.Tensor
 class HKTObjective:
     """Computes one training step's HKT loss; holds the frozen parent and the run's settings.
 
-    `args` is the `HKTTrainingArguments`: `hkt_loss_weights`, `hkt_kd_weight`, `hkt_kd_temperature`, `hkt_kd_loss`.
+    `settings` are the run's `ObjectiveSettings` (`HKTTrainingArguments.objective_settings()`).
     """
 
-    def __init__(self, parent: nn.Module, carriers: list[CarrierPair], args: Any, replay: bool,
+    def __init__(self, parent: nn.Module, carriers: list[CarrierPair], settings: ObjectiveSettings, replay: bool,
                  native_replay: bool = False):
         self.parent = parent
         self.carriers = carriers
-        self.args = args
+        self.settings = settings
         self.replay = replay
         # The native term from the child's head replayed on its input in chunks, instead of the model's own loss
         # (which keeps [positions, vocabulary] log-probabilities for backward); only where the trainer has checked
@@ -191,8 +192,7 @@ class HKTObjective:
 
     @property
     def weights(self) -> tuple[float, float, float]:
-        w0, w1, w2 = (float(w) for w in self.args.hkt_loss_weights)
-        return w0, w1, w2
+        return self.settings.loss_weights
 
     def __call__(
         self, child: nn.Module, adapter: HKTAdapter, inputs: dict[str, Any], native: NativeLoss,
@@ -207,7 +207,7 @@ class HKTObjective:
             return self._without_items(inputs, native, label_names)
         check_targets(inputs, label_names)
         _, w1, w2 = self.weights
-        kd = self.args.hkt_kd_weight > 0
+        kd = self.settings.kd_weight > 0
         mixing = w1 > 0 or w2 > 0
         parent_out, h = None, {}
         plain_parent = kd or (mixing and (self.replay or w2 == 0))
@@ -233,7 +233,7 @@ class HKTObjective:
             terms, gates = self._truncated_passes(child, adapter, inputs, q, h, parent_counted=plain_parent)
         if kd:
             terms["kd"] = kd_loss(*shared_vocabulary(prediction(outputs), prediction(parent_out)),
-                                  self.args.hkt_kd_temperature, self.args.hkt_kd_loss,
+                                  self.settings.kd_temperature, self.settings.kd_loss,
                                   target_mask(child, inputs.get("labels")))
         result = self._combine(child, inputs, native_loss, outputs, terms, num_items_in_batch, mean_factor)
         result.gates = {str(c): gates[i] for i, c in enumerate(self.carriers) if i in gates}
@@ -265,7 +265,7 @@ class HKTObjective:
             items = count_items(child, inputs["labels"]).to(native_loss.device)
             scale = items / num_items_in_batch
             native_part = native_loss * num_items_in_batch / items.clamp(min=1)
-        weights = dict(zip(("child_mixed", "parent_head"), self.weights[1:]), kd=self.args.hkt_kd_weight)
+        weights = dict(zip(("child_mixed", "parent_head"), self.weights[1:]), kd=self.settings.kd_weight)
         terms = {name: value.float() for name, value in terms.items()}
         loss = self.weights[0] * native_loss + scale * sum(weights[name] * value for name, value in terms.items())
         return StepResult(loss, outputs, {"native": native_part, **terms})

@@ -26,6 +26,17 @@ KD_LOSSES = ("kl", "l1", "mse")
 HKT_PREFIX = "hkt_"
 
 
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """What `HKTObjective` needs of the arguments: the weights of the native, child-mixed and parent-head terms, and
+    the optional KD term (weight 0 = off)."""
+
+    loss_weights: tuple[float, float, float]
+    kd_weight: float
+    kd_temperature: float
+    kd_loss: str
+
+
 @dataclass
 class HKTTrainingArguments(TrainingArguments):
     r"""
@@ -137,6 +148,11 @@ class HKTTrainingArguments(TrainingArguments):
         self.hkt_loss_weights = [float(w) for w in self.hkt_loss_weights]
         validate_hkt_settings(self.hkt_settings())
         check_parent_path(self.hkt_parent, self.output_dir)
+
+    def objective_settings(self) -> "ObjectiveSettings":
+        """The settings one training step's objective uses, as a typed object read once."""
+        w0, w1, w2 = self.hkt_loss_weights
+        return ObjectiveSettings((w0, w1, w2), self.hkt_kd_weight, self.hkt_kd_temperature, self.hkt_kd_loss)
 
     def hkt_settings(self) -> dict[str, Any]:
         """The `hkt_*` fields by name: what the lineage record holds and what `validate_hkt_settings` checks."""
