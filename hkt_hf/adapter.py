@@ -21,8 +21,8 @@ from torch import nn
 from .compat import keys_ignored_on_save
 
 from .carriers import CarrierPair
-from .extraction import base_of
 from .mixture import build_gate
+from .model_state import base_of
 from .transfer import build_aligner, feature_channels
 
 ADAPTER_NAME = "hkt_adapter"

@@ -25,7 +25,7 @@ from transformers.utils import logging
 
 from .adapter import HKTAdapter, inject_adapter, load_adapter_state, remove_adapter
 from .carriers import CarrierPair, resolve_carriers
-from .extraction import base_of
+from .model_state import base_of
 from .objective import HKTObjective
 from .parent import check_compatible, check_vocabularies
 from .probing import head_replay_possible, own_loss_replayable, probe

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from .compat import no_split_module_classes
-from .extraction import FeatureSpec, base_of, resolve_module
+from .extraction import FeatureSpec, resolve_module
+from .model_state import base_of
 from .tasks import LM_TASKS, loss_task
 
 MAX_BLOCK_CARRIERS = 3

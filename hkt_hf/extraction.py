@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .model_state import base_of
+
 INPUT_SUFFIX = ":input"
 
 
@@ -35,12 +37,6 @@ class FeatureSpec:
 
     def __str__(self) -> str:
         return self.module + (INPUT_SUFFIX if self.where == "input" else "")
-
-
-def base_of(model: nn.Module) -> nn.Module:
-    """The model under a PEFT wrapper (`get_base_model()`), else the model itself: carriers name its modules."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def resolve_module(model: nn.Module, name: str, role: str = "model") -> nn.Module:

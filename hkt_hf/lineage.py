@@ -22,7 +22,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .compat import hub_commit
-from .extraction import base_of
+from .model_state import base_of
 from .training_args import HKTTrainingArguments, validate_hkt_settings
 
 logger = logging.get_logger(__name__)

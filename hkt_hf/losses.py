@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.loss.loss_utils import ForQuestionAnsweringLoss, ForSequenceClassificationLoss
 
-from .extraction import base_of
+from .model_state import base_of
 from .tasks import QA_TASK, TOKEN_TASKS, loss_task
 
 IGNORE_INDEX = -100

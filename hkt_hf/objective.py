@@ -35,7 +35,7 @@ from torch import nn
 
 from .adapter import HKTAdapter
 from .carriers import CarrierPair
-from .extraction import FeatureExtractor, FeatureSpec, base_of, resolve_module
+from .extraction import FeatureExtractor, FeatureSpec, resolve_module
 from .losses import (
     IGNORE_INDEX,
     count_items,
@@ -46,8 +46,9 @@ from .losses import (
     token_loss_sum,
 )
 from .mixture import GateOutput, masked_mean
+from .model_state import base_of, running_stats_kept
 from .parent import shared_vocabulary
-from .passes import forward_inputs, model_label_names, running_stats_kept, without_cache
+from .passes import forward_inputs, model_label_names, without_cache
 from .tasks import reads_last_token, task_of
 from .training_args import ObjectiveSettings
 from .transfer import match_size

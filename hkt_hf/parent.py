@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .compat import is_batch_norm
-from .extraction import base_of
+from .model_state import base_of
 from .tasks import auto_class_for, is_classifier, task_of
 
 PEFT_ADAPTER_CONFIG = "adapter_config.json"

@@ -5,16 +5,15 @@ batch once per model. Used by the objective and by the probe before training."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Sequence
 from functools import lru_cache
 from typing import Any
 
 from torch import nn
 from transformers.utils import find_labels
 
-from .compat import is_batch_norm, labels_shifted_right
-from .extraction import base_of
+from .compat import labels_shifted_right
+from .model_state import base_of
 
 
 @lru_cache(maxsize=None)
@@ -60,17 +59,3 @@ def forward_inputs(model: nn.Module, inputs: dict[str, Any], label_names: Sequen
     return without_cache(model, out)
 
 
-@contextmanager
-def running_stats_kept(model: nn.Module) -> Iterator[None]:
-    """While active, the model's batch-norm layers in train mode still normalise with the batch's statistics but do
-    not update their running statistics (nor `num_batches_tracked`): extra passes over a batch whose statistics the
-    model's own pass has already counted, partly on mixed features, must not count it again."""
-    norms = [m for m in model.modules()
-             if is_batch_norm(m) and m.training and m.track_running_stats]
-    for norm in norms:
-        norm.track_running_stats = False
-    try:
-        yield
-    finally:
-        for norm in norms:
-            norm.track_running_stats = True

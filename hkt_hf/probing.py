@@ -6,8 +6,6 @@ of its replayed head). The trainer asks once, when it builds the adapter; the an
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
@@ -16,6 +14,7 @@ from torch import nn
 from .carriers import CarrierPair, head_carrier
 from .extraction import FeatureExtractor, FeatureSpec, resolve_module
 from .losses import head_prediction, target_labels, token_loss
+from .model_state import in_eval_mode
 from .objective import prediction
 from .passes import forward_inputs
 from .tasks import QA_TASK, SEQUENCE_TASKS, TOKEN_TASKS, loss_task
@@ -34,19 +33,6 @@ def head_replay_possible(carriers: list[CarrierPair], parent: nn.Module, child: 
         return carriers[0] == head_carrier(parent, child)
     except ValueError:
         return False
-
-
-@contextmanager
-def in_eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """`model` in eval mode for the block (no dropout, no batch-norm update); each module's own mode is restored after,
-    which keeps a `train-bn` parent's batch-norm layers as they were."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 @torch.no_grad()

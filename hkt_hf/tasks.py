@@ -13,7 +13,7 @@ import transformers
 from torch import nn
 
 from .compat import auto_model_class, auto_registered, auto_table_names, has_causal_lm_only
-from .extraction import base_of
+from .model_state import base_of
 
 # (pipeline-style task, Auto class name), most specific first.
 TASK_AUTO_CLASSES: tuple[tuple[str, str], ...] = (

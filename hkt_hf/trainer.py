@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, nullcontext
 from typing import Any
 
 import torch
@@ -23,9 +22,9 @@ from transformers.utils import logging
 from .adapter import HKTAdapter, get_adapter, remove_adapter, save_adapter_state
 from .adapter_lifecycle import AdapterLifecycle
 from .checkpointing import CheckpointCommitCallback, begin_save, prepare_resume
-from .extraction import base_of
 from .lineage import lineage_record, parent_identity, write_lineage
 from .model_card import TAGS, add_lineage_to_card
+from .model_state import base_of, forward_replaced, snapshot_buffers
 from .objective import NonFiniteLossError, StepResult
 from .parent import check_finite_weights, frozen, load_parent
 from .probing import loss_ignores_item_count
@@ -37,42 +36,6 @@ logger = logging.get_logger(__name__)
 
 # A run whose skipped batches exceed this share of its steps has not trained: it fails instead of "succeeding".
 MAX_SKIPPED_SHARE = 0.5
-
-
-@contextmanager
-def forward_replaced(module: nn.Module, fn: Callable[[], Any]) -> Iterator[None]:
-    """While active, a call of `module` runs `fn()` in place of its forward (calls of `module` inside `fn` run its
-    real forward), so a wrapper such as DDP sees all that `fn` computes as its forward pass."""
-    own = module.__dict__.get("forward")  # an instance-level forward, e.g. Accelerate's autocast wrapper
-
-    def restore() -> None:
-        if own is None:
-            module.__dict__.pop("forward", None)
-        else:
-            module.forward = own
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        restore()
-        return fn()
-
-    module.forward = run
-    try:
-        yield
-    finally:
-        restore()
-
-
-def snapshot_buffers(*models: nn.Module) -> Callable[[], None]:
-    """Snapshot the models' buffers (batch-norm statistics); the returned `restore()` puts them back, so a skipped
-    batch leaves no trace in them."""
-    saved = [(b, b.detach().clone()) for m in models for b in m.buffers()]
-
-    def restore() -> None:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
-
-    return restore
 
 
 class HKTTrainer(AdapterLifecycle):

@@ -16,7 +16,7 @@ from torch import nn
 from dist_worker import GLOBAL_BATCH, SETTINGS, run
 from distributed_checks import LOSS_TOLERANCE, assert_same_trajectory
 from helpers import torchrun_in_background
-from hkt_hf.trainer import forward_replaced
+from hkt_hf.model_state import forward_replaced
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 @pytest.fixture(scope="module")
