@@ -13,7 +13,8 @@ import yaml
 from datasets import DatasetDict
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from hkt_hf import HKTTrainingArguments, cli
+from hkt_hf import HKTTrainingArguments
+from hkt_hf.apps import cli
 from hkt_hf.apps.cli import train as train_command
 from hkt_hf.lineage import read_lineage
 from hkt_hf.apps.data.images import load_image_dataset, prepare_image_dataset, strided_subset
