@@ -53,11 +53,6 @@ class HKTTrainer(AdapterLifecycle):
     """
 
     _tag_names = TAGS
-    _name = "HKT"
-    _paper = {
-        "title": "HKT: A Biologically Inspired Framework for Modular Hereditary Knowledge Transfer in Neural Networks",
-        "id": "2508.09743",
-    }
 
     def __init__(
         self,
