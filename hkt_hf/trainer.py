@@ -120,15 +120,16 @@ class HKTTrainer(AdapterLifecycle):
         resumes from the checkpoint's `hkt_adapter.safetensors`.
         """
         self._check_not_empty()
-        resume_from_checkpoint, self.hkt_lineage = prepare_resume(
-            resume_from_checkpoint, self.args.output_dir, self.hkt_lineage
-        )
         with ExitStack() as stack:
+            # The adapter leaves the child when train() ends, whatever ends it (a refused resume too).
+            stack.callback(lambda: remove_adapter(self.accelerator.unwrap_model(self.model)))  # the run's last child
+            resume_from_checkpoint, self.hkt_lineage = prepare_resume(
+                resume_from_checkpoint, self.args.output_dir, self.hkt_lineage
+            )
             # Frozen for the whole run too, not only inside each step: backward (and any activation checkpointing
             # recomputed in it) runs after `compute_loss` has returned.
             stack.enter_context(frozen(self.parent_model, self.args.hkt_parent_mode))
             stack.callback(release_parent_leftovers, self.parent_model, self.parent_engine)
-            stack.callback(lambda: remove_adapter(self.accelerator.unwrap_model(self.model)))  # the run's last child
             self._resume_adapter_from = resume_from_checkpoint
             stack.callback(setattr, self, "_resume_adapter_from", None)
             if self.model_init is None:  # else Trainer.train calls `call_model_init`, which builds it

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from dist_worker import GLOBAL_BATCH, SETTINGS
 from fsdp_worker import one_process_runs
@@ -67,12 +66,7 @@ def test_fsdp_child_saves_as_a_plain_model_equal_to_the_one_process_child(one_an
     assert_saved_plain_child_like_one_process(*(runs[setting] for runs in one_and_two_processes))
 
 
-def test_learned_gate_lambda_is_one_dimensional_and_loads_scalar_checkpoints():
-    # fully_shard refuses 0-dim parameters ("fully_shard doesn't support scalar parameters"), so lam_logit has shape
-    # [1]; adapters saved in checkpoints before the change hold a scalar, which must still load.
+def test_learned_gate_lambda_is_one_dimensional():
+    # fully_shard refuses 0-dim parameters ("fully_shard doesn't support scalar parameters"), so lam_logit has shape [1].
     gate = LearnedGate(4, 0.6)
     assert gate.lam_logit.shape == (1,)
-    state = gate.state_dict()
-    state["lam_logit"] = torch.tensor(1.5)
-    gate.load_state_dict(state)
-    assert gate.lam_logit.shape == (1,) and gate.lam_logit.item() == 1.5
