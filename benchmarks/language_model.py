@@ -42,19 +42,28 @@ from baselines import BaselineTrainer
 from comparison import kd_settings
 from harness import CACHE, RESULTS, RunLog, benchmark_parser, commands_line, mean_std, notes_lines, run_or_report
 from harness import write_report
-from lm_task import DATA_DIR, DATASET, FULL_SIZES, HEAD_CARRIER, LMSizes, child_config, lm_args, new_model
-from lm_task import prepare, set_license, strided
+from lm_task import DATA_DIR, DATASET, FULL_SIZES, HEAD_CARRIER, LMSizes, child_config, layer_carriers, lm_args
+from lm_task import new_model, prepare, set_license, strided
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, default_data_collator
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments
 
 LOG_NAME = "language_model.jsonl"
 KD = dict(hkt_kd_weight=1.0, hkt_kd_temperature=1.0)  # the KD term of the HKT + KD variants
+# The mean logged mixing weight of `hkt-layers+kd` at its chosen rate (3e-3; both carriers, every logged step,
+# seeds 0-2 of benchmarks/results/lm-tuned): the constant gate that takes the same share of the parent everywhere.
+CONSTANT_LAMBDA = 0.28
 LAYERS = "layers"  # stands for the decoder-layer carriers, which depend on the two depths (`layer_carriers`)
 # Per method: HKTTrainingArguments fields, or {"baseline": BaselineTrainer options}; None = the child alone.
 METHODS: dict[str, dict[str, Any] | None] = {
     "child": None,
     "kd": dict(hkt_carriers=[HEAD_CARRIER], **kd_settings(weight=1.0, temperature=1.0)),
+    "kd-t2": dict(hkt_carriers=[HEAD_CARRIER], **kd_settings(weight=1.0, temperature=2.0)),
+    "kd-t4": dict(hkt_carriers=[HEAD_CARRIER], **kd_settings(weight=1.0, temperature=4.0)),
+    "kd-w0.5": dict(hkt_carriers=[HEAD_CARRIER], **kd_settings(weight=0.5, temperature=1.0)),
+    "kd-w2": dict(hkt_carriers=[HEAD_CARRIER], **kd_settings(weight=2.0, temperature=1.0)),
+    "kd-only": dict(hkt_carriers=[HEAD_CARRIER], **dict(kd_settings(weight=1.0, temperature=1.0),
+                                                         hkt_loss_weights=[0.0, 0.0, 0.0])),
     "hint+kd": dict(baseline=dict(hint="mse", kd_weight=1.0, kd_temperature=1.0)),
     "hint-cos+kd": dict(baseline=dict(hint="cosine", kd_weight=1.0, kd_temperature=1.0)),
     "stitch": dict(baseline=dict(stitch=True)),
@@ -68,10 +77,16 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "hkt-layers+kd-no-lc": dict(hkt_carriers=LAYERS, hkt_loss_weights=[1.0, 0.0, 1.0], **KD),
     "hkt-layers+kd-no-lp": dict(hkt_carriers=LAYERS, hkt_loss_weights=[1.0, 1.0, 0.0], **KD),
     "hkt-layers+kd-static": dict(hkt_carriers=LAYERS, hkt_gate="static", **KD),
+    "hkt-layers+kd-constant": dict(hkt_carriers=LAYERS, hkt_gate="constant", hkt_lambda=CONSTANT_LAMBDA, **KD),
 }
 DESCRIPTIONS = {
     "child": "child alone (plain `Trainer`)",
     "kd": "KD: CE + forward KL(parent, child) on logits, T = 1, weight 1 (`HKTTrainer`, loss weights [1, 0, 0])",
+    "kd-t2": "KD at T = 2 (weight 1)",
+    "kd-t4": "KD at T = 4 (weight 1)",
+    "kd-w0.5": "KD at weight 0.5 (T = 1)",
+    "kd-w2": "KD at weight 2 (T = 1)",
+    "kd-only": "KL-only KD: forward KL(parent, child), no CE (loss weights [0, 0, 0], KD weight 1, T = 1)",
     "hint+kd": "hint + KD: MSE(projection of child layer, parent layer) at the decoder-layer pairs + KD (FitNets)",
     "hint-cos+kd": "hint + KD, cosine variant (DistilBERT): 1 - cos(projection, parent layer) + KD",
     "stitch": "stitching: projected child layer -> frozen parent's upper layers and head, CE, no gate (SRRL-like)",
@@ -85,6 +100,8 @@ DESCRIPTIONS = {
     "hkt-layers+kd-no-lc": "hkt-layers+kd without L_c* (loss weights [1, 0, 1])",
     "hkt-layers+kd-no-lp": "hkt-layers+kd without L_p* (loss weights [1, 1, 0])",
     "hkt-layers+kd-static": "hkt-layers+kd with the constant `static` gate (0.7 p + 0.3 q)",
+    "hkt-layers+kd-constant": f"hkt-layers+kd with the `constant` gate at hkt-layers+kd's mean mixing weight "
+                              f"(lambda {CONSTANT_LAMBDA})",
 }
 CHILD_INITS = {
     "random": "random, a third of the parent's layers at half its width",
@@ -103,12 +120,6 @@ def recipe(settings: dict[str, Any], child_init: str) -> dict[str, Any]:
     return dict(sizes=asdict(settings["sizes"]), steps=settings["steps"], eval_every=settings["eval_every"],
                 eval_blocks=settings["eval_blocks"], child_init=child_init,
                 schedule="AdamW, cosine, 5 % warm-up, weight decay 0.01")
-
-
-def layer_carriers(parent_layers: int, child_layers: int) -> list[str]:
-    """Each child decoder layer's output takes the output of the parent layer at the same relative depth (the last
-    child layer takes the last parent layer's): the pairs of HKT's `blocks` carriers for up to 3 child layers."""
-    return [f"model.layers.{(i + 1) * parent_layers // child_layers - 1}=model.layers.{i}" for i in range(child_layers)]
 
 
 def new_child(parent: LlamaForCausalLM, seed: int, init: str) -> LlamaForCausalLM:

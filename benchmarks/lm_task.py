@@ -68,6 +68,12 @@ FULL_SIZES = LMSizes(vocab_size=4096, block_size=128, parent_layers=6, parent_hi
                      parent_steps=800, batch_size=16, lr=1e-3)
 
 
+def layer_carriers(parent_layers: int, child_layers: int) -> list[str]:
+    """Each child decoder layer's output takes the output of the parent layer at the same relative depth (the last
+    child layer takes the last parent layer's): the pairs of HKT's `blocks` carriers for up to 3 child layers."""
+    return [f"model.layers.{(i + 1) * parent_layers // child_layers - 1}=model.layers.{i}" for i in range(child_layers)]
+
+
 def strided(ds: Dataset, rows: int | None) -> Dataset:
     """`rows` rows spread evenly over `ds` (all of it when `rows` is None or not smaller)."""
     return ds if rows is None or rows >= len(ds) else ds.select(range(0, len(ds), len(ds) // rows)[:rows])

@@ -25,6 +25,13 @@ What runs for each method (all through `training_step` of a transformers `Traine
 - `hkt_lm_head`: `HKTTrainer`, reference settings (weights 1 1 1, genetic gate, no KD), carrier
   `lm_head:input=lm_head:input` (hidden 256 -> 128 through a trained aligner).
 - `hkt_layer`: the same with a decoder-layer carrier, `model.layers.5=model.layers.1` (last layer of each).
+- `hkt_layers_kd`: the language-model benchmark's recommended `hkt-layers+kd`: every child decoder layer paired with
+  the parent's at the same relative depth (`lm_task.layer_carriers`: `model.layers.2=model.layers.0`,
+  `model.layers.5=model.layers.1`), weights 1 1 1, genetic gate, plus KD (weight 1, T = 1).
+- `hint_kd`: its strongest baseline there, hint + KD (`baselines.BaselineTrainer`: MSE through a trained projection
+  at the same layer pairs, plus the package's KD term, weight 1, T = 1).
+
+`--vocab 4096 --seq 128 --batch 16` times the language-model benchmark's own shapes (`lm_task.FULL_SIZES`).
 
 Every mode but `--smoke` times the full sizes after the same warm-up (`step_timing.WARMUP_ROUNDS`); each ratio is
 the median of per-round ratios, reported with its spread (see `step_timing`).
@@ -46,9 +53,11 @@ from typing import Any
 
 import step_timing as timing
 import torch
+from baselines import BaselineTrainer
 from common import recipe_args
 from comparison import kd_settings
 from datasets import Dataset
+from lm_task import layer_carriers
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 from transformers.data.data_collator import default_data_collator
@@ -56,11 +65,15 @@ from transformers.data.data_collator import default_data_collator
 from hkt_hf import HKTTrainer, HKTTrainingArguments
 
 PEER = "gkd"
-HKT_METHODS = ("hkt_kd", "hkt_lm_head", "hkt_layer")
-METHODS = ("child", PEER, "chunked", *HKT_METHODS)
+HKT_METHODS = ("hkt_kd", "hkt_lm_head", "hkt_layer", "hkt_layers_kd")
+BASELINE = "hint_kd"
+METHODS = ("child", PEER, "chunked", BASELINE, *HKT_METHODS)
 LM_HEAD_CARRIER = "lm_head:input=lm_head:input"
 RATIO_KEYS = {"hkt_lm_over_peer": "hkt_lm_head", "hkt_kd_lm_over_peer": "hkt_kd", "hkt_layer_lm_over_peer": "hkt_layer",
+              "hkt_layers_kd_lm_over_peer": "hkt_layers_kd", "hint_kd_over_peer": BASELINE,
               "chunked_over_peer": "chunked"}
+# The recommended configuration against its strongest baseline (what the LM benchmark's s / step column compares).
+BASELINE_RATIO = ("hkt_layers_kd_over_hint_kd", "hkt_layers_kd", BASELINE)
 TARGETS = {"hkt_lm_over_peer": 1.0, "hkt_kd_lm_over_peer": 1.0, "hkt_layer_lm_over_peer": 1.0,
            "saved_mib_hkt_lm_over_peer": 0.5}
 
@@ -163,6 +176,8 @@ def hkt_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Size
         "hkt_kd": dict(hkt_carriers=[LM_HEAD_CARRIER], **kd_settings(weight=1.0, temperature=1.0)),
         "hkt_lm_head": dict(hkt_carriers=[LM_HEAD_CARRIER]),
         "hkt_layer": dict(hkt_carriers=[layer_carrier]),
+        "hkt_layers_kd": dict(hkt_carriers=layer_carriers(sizes.parent_layers, sizes.child_layers),
+                              hkt_kd_weight=1.0, hkt_kd_temperature=1.0),
     }
     return {
         name: HKTTrainer(copy.deepcopy(child), recipe_args(HKTTrainingArguments, out_dir / name, seed=0, max_steps=1000,
@@ -170,6 +185,15 @@ def hkt_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Size
                          parent_model=copy.deepcopy(parent), train_dataset=timing.rows_of(batch))
         for name, extra in settings.items()
     }
+
+
+def hint_kd_trainer(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Sizes, batch: timing.Batch
+                    ) -> BaselineTrainer:
+    return BaselineTrainer(copy.deepcopy(child), recipe_args(TrainingArguments, out_dir / BASELINE, seed=0,
+                                                             max_steps=1000, bf16=False, batch_size=sizes.batch),
+                           parent_model=copy.deepcopy(parent), pairs=layer_carriers(sizes.parent_layers,
+                                                                                    sizes.child_layers),
+                           hint="mse", kd_weight=1.0, kd_temperature=1.0, train_dataset=timing.rows_of(batch))
 
 
 def lm_phases(child: nn.Module, parent: nn.Module) -> dict[str, list[nn.Module]]:
@@ -207,7 +231,8 @@ def run(sizes: Sizes, threads: int | None) -> dict[str, Any]:
                                                           max_steps=1000, bf16=False, batch_size=sizes.batch))
         peers = peer_trainers(child0, parent0, Path(tmp), sizes, batches[0])
         ours = hkt_trainers(child0, parent0, Path(tmp), sizes, batches[0])
-        trainers: dict[str, Trainer] = {"child": plain, **peers, **ours}
+        baseline = {BASELINE: hint_kd_trainer(child0, parent0, Path(tmp), sizes, batches[0])}
+        trainers: dict[str, Trainer] = {"child": plain, **peers, **baseline, **ours}
         steps = {name: timing.trainer_step(trainer) for name, trainer in trainers.items()}
         chunked_step = steps["chunked"]
         steps["chunked"] = lambda batch: chunked_step(as_prompt_completion(batch))
@@ -228,7 +253,9 @@ def run(sizes: Sizes, threads: int | None) -> dict[str, Any]:
         breakdown = timing.phase_breakdown(steps, phases, batches, sizes.phase_repeats)
 
     step_s = {name: timing.median(t) for name, t in times.items()}
-    result = timing.ratio_results(times, {key: (name, PEER) for key, name in RATIO_KEYS.items()})
+    key, name, against = BASELINE_RATIO
+    result = timing.ratio_results(times, {**{key: (name, PEER) for key, name in RATIO_KEYS.items()},
+                                          key: (name, against)})
     hkt_saved = saved.get("hkt_lm_head")
     result["saved_mib_hkt_lm_over_peer"] = hkt_saved[0] / saved[PEER][0] if hkt_saved else None
     result.update({
@@ -267,6 +294,9 @@ def report(result: dict[str, Any]) -> str:
         ratio = timing.spread_text(result["spread"][ratio_key[name]]) if name in ratio_key else "1"
         rows.append(f"| {name} | {t:.3f} | {ratio} | {mib:.1f} | {mib / peer_mib:.2f} | "
                     f"{result['saved_vocab_tensors'][name]} |")
+    key, name, against = BASELINE_RATIO
+    if result.get(key) is not None:
+        rows += ["", f"`{name}` over `{against}` (paired per round): {timing.spread_text(result['spread'][key])}."]
     if "hkt_kd" in result["saved_mib"]:
         rows += ["", "With LM-head carriers (`hkt_lm_head`, and `hkt_kd`, whose carrier is the head's input too) the "
                  "child's own cross-entropy is computed from its head replayed on the head's input in chunks (checked "

@@ -4,6 +4,8 @@ Every gate returns m = q + w * (p - q) with a mixing weight w in [0, 1], compute
 
 - `genetic` (reference): a = sigmoid(<q, p> / sqrt(C)), w = lambda * (1 - a): more parent where they disagree.
 - `agreement`: w = lambda * a, a gate that grows with agreement (the authors' later description).
+- `constant`: w = lambda everywhere (m = (1 - lambda) q + lambda p): the gate's ablation, the same share of the
+  parent without its dependence on q and p (set lambda to a genetic run's logged mean mixing weight).
 - `static`: w = 0.7 (m = 0.7 p + 0.3 q), from an unused function of the reference code; lambda is ignored.
 - `learned`: like `genetic` with trainable query/key projections (initialised to identity) and a trainable lambda.
 
@@ -88,14 +90,21 @@ class AgreementGate(Gate):
         return self.lam * a
 
 
-class StaticGate(Gate):
-    """Fixed m = 0.7 p + 0.3 q; the reported gate is the constant parent weight."""
+class ConstantGate(Gate):
+    """Fixed m = q + lambda (p - q) at every position; the reported gate is that constant parent weight."""
 
     def logits(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        return torch.full(q.shape[:-1], math.log(STATIC_PARENT_WEIGHT / (1 - STATIC_PARENT_WEIGHT)), device=q.device)
+        return torch.full(q.shape[:-1], torch.logit(torch.tensor(self.lam)).item(), device=q.device)
 
     def mixing_weight(self, a: torch.Tensor) -> torch.Tensor:
-        return a
+        return torch.full_like(a, self.lam)
+
+
+class StaticGate(ConstantGate):
+    """Fixed m = 0.7 p + 0.3 q (the reference code's unused function), whatever lambda is given."""
+
+    def __init__(self, lam: float = 0.6):
+        super().__init__(STATIC_PARENT_WEIGHT)
 
 
 class LearnedGate(Gate):
@@ -124,6 +133,7 @@ class LearnedGate(Gate):
 GATES: dict[str, type[Gate]] = {
     "genetic": GeneticGate,
     "agreement": AgreementGate,
+    "constant": ConstantGate,
     "static": StaticGate,
     "learned": LearnedGate,
 }

@@ -62,11 +62,13 @@ class HKTTrainingArguments(TrainingArguments):
             at the same relative depths (not the paper's formula; see `docs/which-configuration.md`). Several
             carriers give multi-stage transfer.
         hkt_gate (`str`, *optional*, defaults to `"genetic"`):
-            Mixture gate: `"genetic"` (the reference formula), `"agreement"`, `"static"` or `"learned"`.
+            Mixture gate: `"genetic"` (the reference formula), `"agreement"`, `"constant"` (w = lambda), `"static"` or
+            `"learned"`.
         hkt_lambda (`float`, *optional*, defaults to `0.6`):
             The most the child takes from the parent, in [0, 1].
         hkt_loss_weights (`list[float]`, *optional*, defaults to `[1.0, 1.0, 1.0]`):
-            Weights of the native, child-mixed and parent-head loss terms; a term of weight 0 is not computed.
+            Weights of the native, child-mixed and parent-head loss terms; a term of weight 0 is not computed. All
+            zero with `hkt_kd_weight > 0` trains on the KD term alone (KL-only distillation).
         hkt_parent_mode (`str`, *optional*, defaults to `"eval"`):
             `"eval"` (frozen statistics) or `"train-bn"` (batch-norm layers in train mode, as the reference code).
         hkt_kd_weight (`float`, *optional*, defaults to `0.0`):
@@ -209,10 +211,11 @@ def validate_hkt_settings(settings: Mapping[str, Any]) -> None:
         if len(weights) != 3:
             raise ValueError(f"hkt_loss_weights must be 3 numbers (native, child-mixed, parent-head), got {weights}.")
         weights = [_finite("hkt_loss_weights", w) for w in weights]
-        if any(w < 0 for w in weights) or not any(weights):
+        kd_alone = not any(weights) and isinstance(get("hkt_kd_weight"), (int, float)) and get("hkt_kd_weight") > 0
+        if any(w < 0 for w in weights) or not (any(weights) or kd_alone):
             raise ValueError(
                 f"hkt_loss_weights must be non-negative and not all zero (native, child-mixed, parent-head), got "
-                f"{weights}."
+                f"{weights}; all zero is allowed only with hkt_kd_weight > 0 (the KD term alone)."
             )
     if "hkt_parent_mode" in settings:
         _one_of("hkt_parent_mode", get("hkt_parent_mode"), PARENT_MODES)

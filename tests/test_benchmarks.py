@@ -318,10 +318,10 @@ def test_step_cost_smoke_reports_every_key(tmp_path):
 def test_step_cost_lm_smoke_reports_every_key(tmp_path):
     pytest.importorskip("trl", reason="step_cost_lm.py compares against TRL: pip install -e '.[bench]'")
     result = smoke_run("step_cost_lm.py", tmp_path / "lm.json")
-    methods = {"child", "gkd", "chunked", "hkt_kd", "hkt_lm_head", "hkt_layer"}
+    methods = {"child", "gkd", "chunked", "hint_kd", "hkt_kd", "hkt_lm_head", "hkt_layer", "hkt_layers_kd"}
     assert set(result["step_s"]) | set(result["errors"]) == methods
     keys = ("hkt_lm_over_peer", "hkt_kd_lm_over_peer", "saved_mib_hkt_lm_over_peer", "hkt_layer_lm_over_peer",
-            "chunked_over_peer")
+            "hkt_layers_kd_lm_over_peer", "hint_kd_over_peer", "hkt_layers_kd_over_hint_kd", "chunked_over_peer")
     assert set(keys) <= set(result)
     positive_finite(result, *keys)
     assert result["errors"] == {}

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hkt_hf.mixture import AgreementGate, GeneticGate, LearnedGate, StaticGate, build_gate
+from hkt_hf.mixture import AgreementGate, ConstantGate, GeneticGate, LearnedGate, StaticGate, build_gate
 
 
 def qp(*shape: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +68,18 @@ def test_static_gate_is_fixed_convex_combination():
     torch.testing.assert_close(out.weight, torch.full((3, 4, 4), 0.7))
 
 
+@pytest.mark.parametrize("lam", [0.0, 0.27, 1.0])
+def test_constant_gate_mixes_lambda_everywhere(lam):
+    q, p = qp(3, 5, 8)
+    out = ConstantGate(lam)(q, p)
+    torch.testing.assert_close(out.mixed, (1 - lam) * q + lam * p)
+    torch.testing.assert_close(out.weight, torch.full((3, 5), lam))
+    torch.testing.assert_close(out.gate, torch.full((3, 5), lam))
+    mask = torch.tensor([[1, 1, 0, 0, 0]] * 3, dtype=torch.bool)
+    masked = ConstantGate(lam)(q, p, mask)
+    torch.testing.assert_close(masked.mixed[:, 2:], q[:, 2:])  # padding keeps the child's feature
+
+
 def test_learned_gate_starts_equal_to_genetic_and_trains():
     q, p = qp(4, 8)
     learned, genetic = LearnedGate(8, 0.6)(q, p), GeneticGate(0.6)(q, p)
@@ -80,7 +92,7 @@ def test_learned_gate_starts_equal_to_genetic_and_trains():
     }
 
 
-@pytest.mark.parametrize("name", ["genetic", "agreement", "learned"])
+@pytest.mark.parametrize("name", ["genetic", "agreement", "constant", "learned"])
 @pytest.mark.parametrize("lam", [0.0, 0.6, 1.0])
 def test_mixing_weight_lies_in_zero_lambda(name, lam):
     q, p = qp(64, 8, seed=3)
@@ -100,7 +112,7 @@ def test_gate_computes_in_float32_for_half_inputs():
 def test_errors():
     with pytest.raises(ValueError, match=r"lambda must lie in \[0, 1\], got 1.5"):
         GeneticGate(1.5)
-    with pytest.raises(ValueError, match="Unknown gate 'foo'. Choose one of: genetic, agreement, static, learned"):
+    with pytest.raises(ValueError, match="Unknown gate 'foo'. Choose one of: genetic, agreement, constant, static, learned"):
         build_gate("foo", 4, 0.6)
     with pytest.raises(ValueError, match=r"Gate inputs differ in shape: child \(2, 4\), parent \(2, 5\)"):
         GeneticGate()(torch.zeros(2, 4), torch.zeros(2, 5))

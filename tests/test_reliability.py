@@ -125,7 +125,7 @@ def test_parent_that_is_the_child_object_is_refused(tmp_path):
         ("hkt_loss_weights", [0.0, 0.0, 0.0], r"not all zero"),
         ("hkt_loss_weights", [1.0, float("nan"), 1.0], r"hkt_loss_weights must be a finite number, got nan"),
         ("hkt_loss_weights", [1.0, float("inf"), 1.0], r"hkt_loss_weights must be a finite number, got inf"),
-        ("hkt_gate", "gentic", r"hkt_gate must be one of 'genetic', 'agreement', 'static', 'learned', got 'gentic'"),
+        ("hkt_gate", "gentic", r"hkt_gate must be one of 'genetic', 'agreement', 'constant', 'static', 'learned', got 'gentic'"),
         ("hkt_parent_mode", "train", r"hkt_parent_mode must be one of 'eval', 'train-bn', got 'train'"),
         ("hkt_kd_weight", -1.0, r"hkt_kd_weight must be >= 0"),
         ("hkt_kd_weight", float("nan"), r"hkt_kd_weight must be a finite number, got nan"),

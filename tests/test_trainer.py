@@ -130,6 +130,26 @@ def test_loss_weights_and_kd_term(resnets, cifar_batch, tmp_path):
     torch.testing.assert_close(loss, expected, rtol=0, atol=1e-5)
 
 
+def test_kd_alone_trains_on_the_kd_term_only(resnets, cifar_batch, tmp_path):
+    """Loss weights all zero with a KD weight: KL-only distillation, no task loss in the value or the gradient."""
+    child, parent, parent_ref = resnets
+    trainer = hkt_trainer(child, parent, tmp_path, hkt_loss_weights=[0.0, 0.0, 0.0], hkt_kd_weight=0.3,
+                          hkt_kd_temperature=2.0)
+    child.train()
+    loss = trainer.compute_loss(child, cifar_batch)
+    grads = torch.autograd.grad(loss, [p for p in child.parameters() if p.requires_grad])
+    pixels = cifar_batch["pixel_values"]
+    with torch.no_grad():
+        parent_logits = parent_ref(pixel_values=pixels).logits
+    expected = 0.3 * kd_reference(child(pixel_values=pixels).logits, parent_logits, 2.0)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-6)
+    expected_grads = torch.autograd.grad(expected, [p for p in child.parameters() if p.requires_grad])
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match=r"all zero is allowed only with hkt_kd_weight > 0"):
+        HKTTrainingArguments(output_dir=str(tmp_path / "x"), hkt_loss_weights=[0.0, 0.0, 0.0])
+
+
 def test_deep_map_carrier_loss_equals_hand_computation(resnets, cifar_batch, tmp_path):
     """layer3 -> layer3: the gate mixes per spatial position, then pooling and the heads run on the mixed map."""
     child, parent, parent_ref = resnets
