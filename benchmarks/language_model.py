@@ -330,6 +330,24 @@ def ranked_table(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
+def paired_lines(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The two best methods seed by seed (the same seed: the same child initialisation and data order): how much
+    lower the leader's validation and test perplexity was on each seed they share."""
+    if len(rows) < 2:
+        return []
+    (first, first_runs), (second, second_runs) = list(rows.items())[:2]
+    a, b = ({r["seed"]: r for r in runs} for runs in (first_runs, second_runs))
+    seeds = sorted(a.keys() & b.keys())
+    if not seeds:
+        return []
+    gaps = {metric: [b[s][f"{metric}_perplexity"] - a[s][f"{metric}_perplexity"] for s in seeds]
+            for metric in ("validation", "test")}
+    every = "on every shared seed" if all(g > 0 for g in gaps["validation"] + gaps["test"]) else "not on every seed"
+    return ["", f"Paired by seed ({', '.join(map(str, seeds))}): `{first}` below `{second}` by "
+                f"{', '.join(f'{g:.2f}' for g in gaps['validation'])} validation and "
+                f"{', '.join(f'{g:.2f}' for g in gaps['test'])} test perplexity ({every})."]
+
+
 def sweep_table(runs: list[dict[str, Any]], base_steps: int, rates: dict[str, float]) -> list[str]:
     """Validation perplexity of every seed-0 run of the sweep, method by rate (the chosen rate in bold)."""
     sweep = [r for r in runs if r["seed"] == 0 and r["steps"] == base_steps]
@@ -359,10 +377,10 @@ def markdown_table(log: RunLog) -> str:
     rates = choose_rates(runs, base)
     lines = [f"Ranked on validation perplexity at {base} steps (each method at its chosen rate; mean +- std over "
              "seeds); test perplexity reported, never used to choose.", "",
-             *ranked_table(chosen_runs(runs, rates, base))]
+             *ranked_table(chosen_runs(runs, rates, base)), *paired_lines(chosen_runs(runs, rates, base))]
     for steps in sorted({r["steps"] for r in runs} - {base}):
-        lines += ["", f"At {steps} steps (the rate chosen at {base}):", "",
-                  *ranked_table(chosen_runs(runs, rates, steps))]
+        rows = chosen_runs(runs, rates, steps)
+        lines += ["", f"At {steps} steps (the rate chosen at {base}):", "", *ranked_table(rows), *paired_lines(rows)]
     lines += ["", "Rate sweep (seed 0, validation perplexity; bold: chosen):", "", *sweep_table(runs, base, rates)]
     edge = edge_choices(runs, base, rates)
     if edge:

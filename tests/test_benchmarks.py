@@ -527,6 +527,10 @@ def test_each_method_gets_the_rate_of_its_best_validation_then_its_seeds_and_a_r
     assert list(ranked) == ["hint+kd", "kd"] and [len(r) for r in ranked.values()] == [2, 2]
     table = lm.ranked_table(ranked)
     assert "| 1 | " in table[2] and "`hint+kd`" in table[2] and "| 0.001 | 2 | 29.94 +- 0.07 |" in table[2]
+    paired = lm.paired_lines(ranked)[1]  # hint+kd 30 - 0.1 seed vs kd 40 - 0.1 seed: 10 lower on both seeds
+    assert paired.startswith("Paired by seed (0, 1): `hint+kd` below `kd` by 10.00, 10.00 validation")
+    assert paired.endswith("(on every shared seed).")
+    assert "not on every seed" in lm.paired_lines(dict(reversed(ranked.items())))[1]
 
 
 def test_test_perplexity_counts_every_block_even_a_partial_last_batch():
