@@ -71,7 +71,7 @@ METHODS = ("child", PEER, "chunked", BASELINE, *HKT_METHODS)
 LM_HEAD_CARRIER = "lm_head:input=lm_head:input"
 RATIO_KEYS = {"hkt_lm_over_peer": "hkt_lm_head", "hkt_kd_lm_over_peer": "hkt_kd", "hkt_layer_lm_over_peer": "hkt_layer",
               "hkt_layers_kd_lm_over_peer": "hkt_layers_kd", "hint_kd_over_peer": BASELINE,
-              "chunked_over_peer": "chunked"}
+              "chunked_over_peer": "chunked", "child_over_peer": "child"}
 # The recommended configuration against its strongest baseline (what the LM benchmark's s / step column compares).
 BASELINE_RATIO = ("hkt_layers_kd_over_hint_kd", "hkt_layers_kd", BASELINE)
 TARGETS = {"hkt_lm_over_peer": 1.0, "hkt_kd_lm_over_peer": 1.0, "hkt_layer_lm_over_peer": 1.0,

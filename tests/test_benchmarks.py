@@ -321,10 +321,15 @@ def test_step_cost_lm_smoke_reports_every_key(tmp_path):
     methods = {"child", "gkd", "chunked", "hint_kd", "hkt_kd", "hkt_lm_head", "hkt_layer", "hkt_layers_kd"}
     assert set(result["step_s"]) | set(result["errors"]) == methods
     keys = ("hkt_lm_over_peer", "hkt_kd_lm_over_peer", "saved_mib_hkt_lm_over_peer", "hkt_layer_lm_over_peer",
-            "hkt_layers_kd_lm_over_peer", "hint_kd_over_peer", "hkt_layers_kd_over_hint_kd", "chunked_over_peer")
+            "hkt_layers_kd_lm_over_peer", "hint_kd_over_peer", "hkt_layers_kd_over_hint_kd", "chunked_over_peer",
+            "child_over_peer")
     assert set(keys) <= set(result)
     positive_finite(result, *keys)
     assert result["errors"] == {}
+    rows = {}  # the first table's rows (the phase breakdown repeats the method names)
+    for line in (tmp_path / "lm.md").read_text().splitlines():
+        rows.setdefault(line.split(" | ")[0], line)
+    assert "| 1 |" in rows["| gkd"] and "| 1 |" not in rows["| child"]  # only the peer is 1x itself
     # GKD keeps full [batch, seq, vocab] tensors for backward; TRL's chunked loss recomputes its tiles instead.
     assert result["saved_vocab_tensors"]["gkd"] >= 1 and result["saved_vocab_tensors"]["chunked"] == 0
 
