@@ -370,6 +370,11 @@ def paired_lines(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
                 f"{', '.join(f'{g:.2f}' for g in gaps['test'])} test perplexity ({every})."]
 
 
+def ranked_lines(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The ranked table of one step budget and its seed-by-seed comparison of the two best."""
+    return [*ranked_table(rows), *paired_lines(rows)]
+
+
 def sweep_table(runs: list[dict[str, Any]], base_steps: int, rates: dict[str, float]) -> list[str]:
     """Validation perplexity of every seed-0 run of the sweep, method by rate (the chosen rate in bold)."""
     sweep = [r for r in runs if r["seed"] == 0 and r["steps"] == base_steps]
@@ -399,10 +404,9 @@ def markdown_table(log: RunLog) -> str:
     rates = choose_rates(runs, base)
     lines = [f"Ranked on validation perplexity at {base} steps (each method at its chosen rate; mean +- std over "
              "seeds); test perplexity reported, never used to choose.", "",
-             *ranked_table(chosen_runs(runs, rates, base)), *paired_lines(chosen_runs(runs, rates, base))]
+             *ranked_lines(chosen_runs(runs, rates, base))]
     for steps in sorted({r["steps"] for r in runs} - {base}):
-        rows = chosen_runs(runs, rates, steps)
-        lines += ["", f"At {steps} steps (the rate chosen at {base}):", "", *ranked_table(rows), *paired_lines(rows)]
+        lines += ["", f"At {steps} steps (the rate chosen at {base}):", "", *ranked_lines(chosen_runs(runs, rates, steps))]
     lines += ["", "Rate sweep (seed 0, validation perplexity; bold: chosen):", "", *sweep_table(runs, base, rates)]
     edge = edge_choices(runs, base, rates)
     if edge:

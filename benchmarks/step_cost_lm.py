@@ -72,8 +72,9 @@ LM_HEAD_CARRIER = "lm_head:input=lm_head:input"
 RATIO_KEYS = {"hkt_lm_over_peer": "hkt_lm_head", "hkt_kd_lm_over_peer": "hkt_kd", "hkt_layer_lm_over_peer": "hkt_layer",
               "hkt_layers_kd_lm_over_peer": "hkt_layers_kd", "hint_kd_over_peer": BASELINE,
               "chunked_over_peer": "chunked", "child_over_peer": "child"}
-# The recommended configuration against its strongest baseline (what the LM benchmark's s / step column compares).
-BASELINE_RATIO = ("hkt_layers_kd_over_hint_kd", "hkt_layers_kd", BASELINE)
+# Every ratio reported: each method against GKD, and the LM benchmark's HKT setting against its strongest baseline.
+RATIO_PAIRS = {**{key: (name, PEER) for key, name in RATIO_KEYS.items()},
+               "hkt_layers_kd_over_hint_kd": ("hkt_layers_kd", BASELINE)}
 TARGETS = {"hkt_lm_over_peer": 1.0, "hkt_kd_lm_over_peer": 1.0, "hkt_layer_lm_over_peer": 1.0,
            "saved_mib_hkt_lm_over_peer": 0.5}
 
@@ -138,6 +139,11 @@ def as_prompt_completion(batch: timing.Batch) -> timing.Batch:
             "completion_mask": mask[:, 1:]}
 
 
+def step_args(args_class: type[TrainingArguments], out_dir: Path, sizes: Sizes, **extra: Any) -> TrainingArguments:
+    """The arguments of every trainer timed here (seed 0, fp32, the batch of `sizes`), plus `extra`."""
+    return recipe_args(args_class, out_dir, seed=0, max_steps=1000, bf16=False, batch_size=sizes.batch, **extra)
+
+
 def peer_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Sizes, batch: timing.Batch
                   ) -> dict[str, Trainer]:
     """GKD and the chunked DistillationTrainer on copies of the models. SFTTrainer (GKD's base) insists on a
@@ -156,15 +162,14 @@ def peer_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Siz
 
     tokenizer = stand_in_tokenizer()
     rows = Dataset.from_dict({key: value.tolist() for key, value in batch.items()})
-    common = dict(seed=0, max_steps=1000, bf16=False, batch_size=sizes.batch)
     gkd = GKDTrainer(
         model=copy.deepcopy(child), teacher_model=copy.deepcopy(parent), processing_class=tokenizer,
-        args=recipe_args(GKDConfig, out_dir / "gkd", **common, lmbda=0.0, beta=0.0, max_length=sizes.seq),
+        args=step_args(GKDConfig, out_dir / "gkd", sizes, lmbda=0.0, beta=0.0, max_length=sizes.seq),
         data_collator=default_data_collator, train_dataset=rows,
     )
     chunked = NoGenerationDistillation(
         model=copy.deepcopy(child), teacher_model=copy.deepcopy(parent), processing_class=tokenizer,
-        args=recipe_args(DistillationConfig, out_dir / "chunked", **common, beta=0.0, temperature=1.0),
+        args=step_args(DistillationConfig, out_dir / "chunked", sizes, beta=0.0, temperature=1.0),
     )
     return {PEER: gkd, "chunked": chunked}
 
@@ -180,8 +185,7 @@ def hkt_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Size
                               hkt_kd_weight=1.0, hkt_kd_temperature=1.0),
     }
     return {
-        name: HKTTrainer(copy.deepcopy(child), recipe_args(HKTTrainingArguments, out_dir / name, seed=0, max_steps=1000,
-                                                           bf16=False, batch_size=sizes.batch, **extra),
+        name: HKTTrainer(copy.deepcopy(child), step_args(HKTTrainingArguments, out_dir / name, sizes, **extra),
                          parent_model=copy.deepcopy(parent), train_dataset=timing.rows_of(batch))
         for name, extra in settings.items()
     }
@@ -189,8 +193,7 @@ def hkt_trainers(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Size
 
 def hint_kd_trainer(child: nn.Module, parent: nn.Module, out_dir: Path, sizes: Sizes, batch: timing.Batch
                     ) -> BaselineTrainer:
-    return BaselineTrainer(copy.deepcopy(child), recipe_args(TrainingArguments, out_dir / BASELINE, seed=0,
-                                                             max_steps=1000, bf16=False, batch_size=sizes.batch),
+    return BaselineTrainer(copy.deepcopy(child), step_args(TrainingArguments, out_dir / BASELINE, sizes),
                            parent_model=copy.deepcopy(parent), pairs=layer_carriers(sizes.parent_layers,
                                                                                     sizes.child_layers),
                            hint="mse", kd_weight=1.0, kd_temperature=1.0, train_dataset=timing.rows_of(batch))
@@ -227,8 +230,7 @@ def run(sizes: Sizes, threads: int | None) -> dict[str, Any]:
     child0 = llama(sizes.child_layers, sizes.child_hidden, sizes)
     batches = token_batches(sizes, 2)
     with tempfile.TemporaryDirectory(prefix="hkt-step-cost-lm-") as tmp:
-        plain = Trainer(copy.deepcopy(child0), recipe_args(TrainingArguments, Path(tmp) / "child", seed=0,
-                                                          max_steps=1000, bf16=False, batch_size=sizes.batch))
+        plain = Trainer(copy.deepcopy(child0), step_args(TrainingArguments, Path(tmp) / "child", sizes))
         peers = peer_trainers(child0, parent0, Path(tmp), sizes, batches[0])
         ours = hkt_trainers(child0, parent0, Path(tmp), sizes, batches[0])
         baseline = {BASELINE: hint_kd_trainer(child0, parent0, Path(tmp), sizes, batches[0])}
@@ -253,9 +255,7 @@ def run(sizes: Sizes, threads: int | None) -> dict[str, Any]:
         breakdown = timing.phase_breakdown(steps, phases, batches, sizes.phase_repeats)
 
     step_s = {name: timing.median(t) for name, t in times.items()}
-    key, name, against = BASELINE_RATIO
-    result = timing.ratio_results(times, {**{key: (name, PEER) for key, name in RATIO_KEYS.items()},
-                                          key: (name, against)})
+    result = timing.ratio_results(times, RATIO_PAIRS)
     hkt_saved = saved.get("hkt_lm_head")
     result["saved_mib_hkt_lm_over_peer"] = hkt_saved[0] / saved[PEER][0] if hkt_saved else None
     result.update({
@@ -294,9 +294,9 @@ def report(result: dict[str, Any]) -> str:
         ratio = timing.spread_text(result["spread"][ratio_key[name]]) if name in ratio_key else "1"
         rows.append(f"| {name} | {t:.3f} | {ratio} | {mib:.1f} | {mib / peer_mib:.2f} | "
                     f"{result['saved_vocab_tensors'][name]} |")
-    key, name, against = BASELINE_RATIO
-    if result.get(key) is not None:
-        rows += ["", f"`{name}` over `{against}` (paired per round): {timing.spread_text(result['spread'][key])}."]
+    for key, (name, against) in RATIO_PAIRS.items():
+        if against != PEER and result.get(key) is not None:
+            rows += ["", f"`{name}` over `{against}` (paired per round): {timing.spread_text(result['spread'][key])}."]
     if "hkt_kd" in result["saved_mib"]:
         rows += ["", "With LM-head carriers (`hkt_lm_head`, and `hkt_kd`, whose carrier is the head's input too) the "
                  "child's own cross-entropy is computed from its head replayed on the head's input in chunks (checked "

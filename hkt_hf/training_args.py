@@ -211,7 +211,8 @@ def validate_hkt_settings(settings: Mapping[str, Any]) -> None:
         if len(weights) != 3:
             raise ValueError(f"hkt_loss_weights must be 3 numbers (native, child-mixed, parent-head), got {weights}.")
         weights = [_finite("hkt_loss_weights", w) for w in weights]
-        kd_alone = not any(weights) and isinstance(get("hkt_kd_weight"), (int, float)) and get("hkt_kd_weight") > 0
+        kd_weight = get("hkt_kd_weight")
+        kd_alone = isinstance(kd_weight, (int, float)) and kd_weight > 0
         if any(w < 0 for w in weights) or not (any(weights) or kd_alone):
             raise ValueError(
                 f"hkt_loss_weights must be non-negative and not all zero (native, child-mixed, parent-head), got "
