@@ -53,11 +53,30 @@ def hidden_size(model: nn.Module, role: str) -> int:
     return size
 
 
+def channel_dim(feature: torch.Tensor) -> int:
+    """The dimension a projection maps: channels of a map [B, C, H, W], else the last (hidden) one."""
+    return 1 if feature.ndim == 4 else -1
+
+
+class Projection(nn.Linear):
+    """A trained linear map of the channel / hidden dimension: a 1x1 convolution on maps."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dim = channel_dim(x)
+        return super().forward(x.movedim(dim, -1)).movedim(-1, dim)
+
+
 def hint_loss(kind: str, projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """FitNets' MSE, or DistilBERT's 1 - cosine along the last (hidden) dimension, as a mean."""
+    """FitNets' MSE, or DistilBERT's 1 - cosine along the channel / hidden dimension, as a mean."""
     if kind == "mse":
         return F.mse_loss(projected.float(), target.float())
-    return (1 - F.cosine_similarity(projected.float(), target.float(), dim=-1)).mean()
+    return (1 - F.cosine_similarity(projected.float(), target.float(), dim=channel_dim(projected))).mean()
+
+
+def model_inputs(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The batch without its labels, and without a cache for the models that keep one."""
+    batch = {k: v for k, v in inputs.items() if k != "labels"}
+    return {**batch, "use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else batch
 
 
 class BaselineTrainer(Trainer):
@@ -65,7 +84,7 @@ class BaselineTrainer(Trainer):
 
     def __init__(self, model: nn.Module, args: Any, *trainer_args: Any, parent_model: nn.Module, pairs: list[str],
                  hint: str | None = None, stitch: bool = False, weight: float = 1.0, kd_weight: float = 0.0,
-                 kd_temperature: float = 1.0, **trainer_kwargs: Any):
+                 kd_temperature: float = 1.0, widths: list[tuple[int, int]] | None = None, **trainer_kwargs: Any):
         if hint not in HINTS:
             raise ValueError(f"hint must be one of {HINTS}, got {hint!r}.")
         if hint is None and not stitch and kd_weight <= 0:
@@ -75,8 +94,11 @@ class BaselineTrainer(Trainer):
         self.pairs = parse_pairs(pairs) if hint or stitch else []
         self.hint, self.stitch, self.weight = hint, stitch, weight
         self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
-        widths = (hidden_size(model, "child"), hidden_size(parent_model, "parent"))
-        self.projections = nn.ModuleList(nn.Linear(*widths) for _ in self.pairs).to(self.args.device)
+        if widths is None:
+            widths = [(hidden_size(model, "child"), hidden_size(parent_model, "parent"))] * len(self.pairs)
+        if len(widths) != len(self.pairs):
+            raise ValueError(f"widths has {len(widths)} (child, parent) entries for {len(self.pairs)} pairs.")
+        self.projections = nn.ModuleList(Projection(*w) for w in widths).to(self.args.device)
 
     def create_optimizer(self, *args: Any, **kwargs: Any):
         """The Trainer's optimizer, with the projections as one more parameter group (no weight decay)."""
@@ -103,12 +125,12 @@ class BaselineTrainer(Trainer):
         """The child's own loss in evaluation; while training, that plus the baseline's terms."""
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        batch = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        batch = model_inputs(self.parent_model, inputs)
         parent_specs = [p for p, _ in self.pairs] if self.hint else []
         parent_out, parent_features = None, {}
         if parent_specs or self.kd_weight > 0:  # the parent's plain pass, first and without autograd
             with torch.no_grad(), FeatureExtractor(self.parent_model, parent_specs, role="parent") as parent_ext:
-                parent_out = self.parent_model(**batch, use_cache=False)
+                parent_out = self.parent_model(**batch)
             parent_features = parent_ext.features
         child = self.accelerator.unwrap_model(model)  # the pairs name the bare child's modules
         with FeatureExtractor(child, [c for _, c in self.pairs], role="child") as child_ext:
@@ -140,4 +162,4 @@ class BaselineTrainer(Trainer):
         swap = FeatureExtractor(self.parent_model, [self.pairs[index][0]], replace=lambda _, __: projected,
                                 grad_after_replace=True, role="parent")
         with torch.no_grad(), swap:
-            return self.parent_model(**batch, use_cache=False).loss
+            return self.parent_model(**batch).loss

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from common import BATCH_SIZE, CHECKPOINTS, LR, MOMENTUM, PADDING, WEIGHT_DECAY, CifarTensors, decoded_split
 from common import load_pretrained, prepare, recipe_args
+from baselines import BaselineTrainer
 from comparison import kd_settings
 from harness import CACHE, REPO, RESULTS, RunLog, atomic_write_json, benchmark_parser, by_method, commands_line
 from harness import notes_lines, run_missing, run_or_report, write_report
@@ -42,7 +43,9 @@ from hkt_hf.model_card import render_model_card
 LOG_NAME = "cifar10.jsonl"
 MODEL_CARD = REPO / "model_cards" / "hkt-resnet20-cifar10-jpeg.md"
 KD = dict(hkt_kd_weight=1.0, hkt_kd_temperature=4.0)  # the KD term of the HKT + KD variants
-# The HKTTrainingArguments of each method; None = the child alone, with the plain transformers Trainer.
+STAGES = [f"resnet.layer{i}" for i in (1, 2, 3)]  # the three stage outputs: HKT's `blocks` carriers of a ResNet
+# The HKTTrainingArguments of each method, or {"baseline": BaselineTrainer options}; None = the child alone, with
+# the plain transformers Trainer.
 METHODS: dict[str, dict[str, Any] | None] = {
     "child": None,
     "kd": kd_settings(weight=1.0, temperature=4.0),  # the package's KD: HKTTrainer, loss weights [1, 0, 0]
@@ -55,6 +58,7 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "hkt-layers": dict(hkt_carriers=[f"resnet.layer{i}=resnet.layer{i}" for i in (1, 2, 3)]),
     "hkt+kd-lambda0.3": dict(hkt_lambda=0.3, **KD),
     "hkt-blocks+kd": dict(hkt_carriers=["blocks"], **KD),
+    "hint+kd": dict(baseline=dict(hint="mse", kd_weight=1.0, kd_temperature=4.0)),
 }
 DESCRIPTIONS = {
     "child": "child alone (plain `Trainer`)",
@@ -68,6 +72,8 @@ DESCRIPTIONS = {
     "hkt-layers": "HKT, carriers: `layer1`, `layer2` and `layer3` outputs at once (genetic gate)",
     "hkt+kd-lambda0.3": "HKT + KD term (T = 4, weight 1), lambda 0.3",
     "hkt-blocks+kd": "HKT, `blocks` carriers (the `layer1`-`layer3` outputs) + KD term (T = 4, weight 1)",
+    "hint+kd": "hint + KD: MSE(1x1-conv projection of the child's stage output, the parent's) at `layer1`-`layer3` "
+               "+ KD (T = 4, weight 1) (FitNets)",
 }
 FULL = dict(steps=400, parent_steps=150, train_rows=None, test_rows=None, batch_size=BATCH_SIZE)
 QUICK = dict(steps=6, parent_steps=3, train_rows=512, test_rows=200, batch_size=32)
@@ -82,12 +88,17 @@ def recipe(settings: dict[str, Any], bf16: bool) -> dict[str, Any]:
     )
 
 
-def trainer_for(method: str, model, args_dir: Path, seed: int, rec: dict[str, Any], train_ds, parent) -> Trainer:
+def trainer_for(method: str, model, args_dir: Path, seed: int, rec: dict[str, Any], train_ds, parent,
+                lr: float = LR) -> Trainer:
     extra = METHODS[method]
     common = dict(train_dataset=train_ds, data_collator=image_collator())
-    shared = (args_dir, seed, rec["steps"], rec["bf16"], rec["batch_size"])
+    shared = (args_dir, seed, rec["steps"], rec["bf16"], rec["batch_size"], lr)
     if extra is None:
         return Trainer(model, recipe_args(TrainingArguments, *shared), **common)
+    if "baseline" in extra:
+        widths = list(zip(model.config.hidden_sizes, parent.config.hidden_sizes))
+        return BaselineTrainer(model, recipe_args(TrainingArguments, *shared), parent_model=copy.deepcopy(parent),
+                               pairs=[f"{s}={s}" for s in STAGES], widths=widths, **extra["baseline"], **common)
     args = recipe_args(HKTTrainingArguments, *shared, **extra)
     return HKTTrainer(model, args, parent_model=copy.deepcopy(parent), **common)
 
@@ -110,8 +121,10 @@ def final_logs(trainer: Trainer) -> dict[str, float]:
 
 
 def adapted_parent(rec: dict[str, Any], data, cache: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The pretrained ResNet-56 fine-tuned on the JPEG training split with the shared recipe (seed 0), cached."""
+    """The pretrained ResNet-56 fine-tuned on the JPEG training split with the shared recipe (seed 0), cached; on
+    the rows left for training when the recipe holds some out for validation (`holdout_every`)."""
     key = f"parent-resnet56-jpeg-{rec['parent_steps']}steps-{rec['train_rows'] or 'all'}rows-b{rec['batch_size']}"
+    key += f"-holdout{rec['holdout_every']}" if rec.get("holdout_every") else ""
     folder = cache / key
     info_path = folder / "adaptation.json"
     if not info_path.exists():
@@ -171,16 +184,19 @@ def run_all(opts: argparse.Namespace, argv: list[str]) -> Path:
     return log.path
 
 
-def run_one(method: str, seed: int, rec: dict[str, Any], data, parent, folder: Path) -> dict[str, Any]:
-    """Train and score one child; its folder gets the child, its lineage and the card of the package's trainer."""
+def run_one(method: str, seed: int, rec: dict[str, Any], data, parent, folder: Path, lr: float = LR,
+            validation=None) -> dict[str, Any]:
+    """Train and score one child (on `validation` too when given); its folder gets the child, its lineage and the
+    card of the package's trainer."""
     child = prepare(load_pretrained("resnet20"), rec["bf16"])
-    trainer = trainer_for(method, child, folder, seed, rec, data[0], parent)
+    trainer = trainer_for(method, child, folder, seed, rec, data[0], parent, lr)
     seconds = train(trainer, rec["bf16"])
+    scores = {} if validation is None else {"validation_accuracy": evaluate(trainer.model, validation)}
     accuracy = evaluate(trainer.model, data[1])
     trainer.save_model()
     trainer.create_model_card(model_name=f"resnet20-cifar10-jpeg-{method}", dataset="cifar10 (JPEG re-encode)",
                               tags=["image-classification", "cifar10"])
-    record = {"method": method, "seed": seed, "settings": METHODS[method], "test_accuracy": accuracy,
+    record = {"method": method, "seed": seed, "settings": METHODS[method], "test_accuracy": accuracy, **scores,
               "train_s": seconds, "logs": final_logs(trainer)}
     if isinstance(trainer, HKTTrainer):
         record["lineage"] = load_lineage(folder)

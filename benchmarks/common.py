@@ -98,7 +98,7 @@ def prepare(model: nn.Module, bf16: bool) -> nn.Module:
 
 def recipe_args(
     args_class: type, output_dir: Path | str, seed: int, max_steps: int, bf16: bool, batch_size: int = BATCH_SIZE,
-    **extra: Any,
+    lr: float = LR, **extra: Any,
 ):
     """Training arguments of the shared recipe for `args_class` (TrainingArguments or HKTTrainingArguments)."""
     return args_class(
@@ -108,7 +108,7 @@ def recipe_args(
         seed=seed,
         max_steps=max_steps,
         per_device_train_batch_size=batch_size,
-        learning_rate=LR,
+        learning_rate=lr,
         optim="sgd",
         optim_args=f"momentum={MOMENTUM}",
         weight_decay=WEIGHT_DECAY,

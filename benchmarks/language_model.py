@@ -32,7 +32,6 @@ import math
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from harness import CACHE, RESULTS, RunLog, benchmark_parser, commands_line, mea
 from harness import write_report
 from lm_task import DATA_DIR, DATASET, FULL_SIZES, HEAD_CARRIER, LMSizes, child_config, layer_carriers, lm_args
 from lm_task import new_model, prepare, set_license, strided
+from rate_protocol import choose_rates, chosen_runs, edge_choices, protocol, run_key, sweep_table
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, default_data_collator
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments
@@ -89,6 +89,12 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "hkt-layers+kd-no-lp": dict(hkt_carriers=LAYERS, hkt_loss_weights=[1.0, 1.0, 0.0], **KD),
     "hkt-layers+kd-static": dict(hkt_carriers=LAYERS, hkt_gate="static", **KD),
     "hkt-layers+kd-constant": dict(hkt_carriers=LAYERS, hkt_gate="constant", hkt_lambda=CONSTANT_LAMBDA, **KD),
+    # HKT's terms on top of the best hint + KD (hint 1, KD 8), the hint through HKT's child -> parent aligners; and
+    # the same objective without the mixing terms (the package's hint + KD, the control of the HKT terms' effect).
+    "hkt-layers+hint+kd8": dict(hkt_carriers=LAYERS, hkt_hint_weight=1.0, hkt_kd_weight=8.0, hkt_kd_temperature=1.0),
+    "hkt-layers+hint+kd": dict(hkt_carriers=LAYERS, hkt_hint_weight=1.0, **KD),
+    "hkt-hint+kd8": dict(hkt_carriers=LAYERS, hkt_loss_weights=[1.0, 0.0, 0.0], hkt_hint_weight=1.0,
+                         hkt_kd_weight=8.0, hkt_kd_temperature=1.0),
 }
 DESCRIPTIONS = {
     "child": "child alone (plain `Trainer`)",
@@ -124,6 +130,11 @@ DESCRIPTIONS = {
     "hkt-layers+kd-static": "hkt-layers+kd with the constant `static` gate (0.7 p + 0.3 q)",
     "hkt-layers+kd-constant": f"hkt-layers+kd with the `constant` gate at hkt-layers+kd's mean mixing weight "
                               f"(lambda {CONSTANT_LAMBDA})",
+    "hkt-layers+hint+kd8": "HKT, decoder-layer carriers + hint (weight 1, `hkt_hint_weight`) + KD (weight 8): HKT's "
+                           "terms on top of the best hint + KD",
+    "hkt-layers+hint+kd": "HKT, decoder-layer carriers + hint (weight 1) + KD (weight 1)",
+    "hkt-hint+kd8": "the package's hint + KD alone (loss weights [1, 0, 0], hint 1, KD 8): hint+kd8 through HKT's "
+                    "aligners, without the mixing terms",
 }
 CHILD_INITS = {
     "random": "random, a third of the parent's layers at half its width",
@@ -242,53 +253,9 @@ def run_one(method: str, seed: int, lr: float, steps: int, rec: dict[str, Any], 
 # ---- protocol ---------------------------------------------------------------------------------------------------
 
 
-def run_key(method: str, lr: float, seed: int, steps: int, base_steps: int) -> str:
-    return f"{method}/lr{lr:g}/seed{seed}" + ("" if steps == base_steps else f"/steps{steps}")
-
-
-def ensure(log: RunLog, key: str, run: Callable[[], dict[str, Any]]) -> None:
-    """Run and log `key` unless the log holds it already."""
-    if log.finished(key):
-        print(f"skip {key}: already in {log.path}", flush=True)
-        return
-    print(f"run {key}", flush=True)
-    log.add_run(key, **run())
-    print(f"done {key}", flush=True)
-
-
-def choose_rates(runs: Iterable[dict[str, Any]], base_steps: int) -> dict[str, float]:
-    """Per method, the rate of its seed-0 sweep run (`base_steps`) with the lowest final validation perplexity."""
-    best: dict[str, dict[str, Any]] = {}
-    for run in runs:
-        if run["seed"] == 0 and run["steps"] == base_steps:
-            if run["method"] not in best or run["validation_perplexity"] < best[run["method"]]["validation_perplexity"]:
-                best[run["method"]] = run
-    return {method: run["lr"] for method, run in best.items()}
-
-
-def chosen_runs(runs: Iterable[dict[str, Any]], rates: dict[str, float], steps: int) -> dict[str, list[dict]]:
-    """Per method, its runs at its chosen rate and `steps`, ranked on mean validation perplexity (best first)."""
-    rows: dict[str, list[dict[str, Any]]] = {}
-    for run in runs:
-        if run["steps"] == steps and rates.get(run["method"]) == run["lr"]:
-            rows.setdefault(run["method"], []).append(run)
-    return dict(sorted(rows.items(), key=lambda kv: statistics.fmean(r["validation_perplexity"] for r in kv[1])))
-
-
-def protocol(log: RunLog, methods: list[str], lrs: list[float], seeds: list[int], steps: int, top: int | None,
-             run: Callable[[str, float, int, int], dict[str, Any]]) -> None:
-    """The sweep on seed 0 at the recipe's steps, then `seeds` of every method (or of the `top` best on validation)
-    at its chosen rate for `steps` steps; finished runs are skipped."""
-    base = log.recipe["steps"]
-    for method in methods:
-        for lr in lrs:
-            ensure(log, run_key(method, lr, 0, base, base), lambda: run(method, lr, 0, base))
-    rates = choose_rates(log.runs.values(), base)
-    ranked = [m for m in chosen_runs(log.runs.values(), rates, base) if m in methods]
-    for seed in seeds:
-        for method in ranked[:top] if top else methods:
-            lr = rates[method]
-            ensure(log, run_key(method, lr, seed, steps, base), lambda: run(method, lr, seed, steps))
+def score(run: dict[str, Any]) -> float:
+    """What chooses rates and ranks methods (lower is better): the final validation perplexity."""
+    return run["validation_perplexity"]
 
 
 def run_all(opts: argparse.Namespace, argv: list[str]) -> Path:
@@ -309,7 +276,7 @@ def run_all(opts: argparse.Namespace, argv: list[str]) -> Path:
         return {**record, "folder": log.relative(run_dir)}
 
     protocol(log, opts.methods, opts.lrs or [settings["sizes"].lr], opts.seeds, opts.steps or rec["steps"], opts.top,
-             run)
+             run, score)
     finish()
     report(out, opts.cache)
     return log.path
@@ -375,39 +342,17 @@ def ranked_lines(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
     return [*ranked_table(rows), *paired_lines(rows)]
 
 
-def sweep_table(runs: list[dict[str, Any]], base_steps: int, rates: dict[str, float]) -> list[str]:
-    """Validation perplexity of every seed-0 run of the sweep, method by rate (the chosen rate in bold)."""
-    sweep = [r for r in runs if r["seed"] == 0 and r["steps"] == base_steps]
-    lrs = sorted({r["lr"] for r in sweep})
-    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
-    for method in dict.fromkeys(r["method"] for r in sweep):
-        cells = {r["lr"]: r["validation_perplexity"] for r in sweep if r["method"] == method}
-        lines.append(f"| `{method}` | " + " | ".join(
-            "-" if lr not in cells else f"**{cells[lr]:.2f}**" if lr == rates[method] else f"{cells[lr]:.2f}"
-            for lr in lrs) + " |")
-    return lines
-
-
-def edge_choices(runs: list[dict[str, Any]], base_steps: int, rates: dict[str, float]) -> list[str]:
-    """The methods whose chosen rate is the lowest or highest of the (more than two) rates they were swept at."""
-    swept: dict[str, set[float]] = {}
-    for run in runs:
-        if run["seed"] == 0 and run["steps"] == base_steps:
-            swept.setdefault(run["method"], set()).add(run["lr"])
-    return [f"`{m}` ({rates[m]:g})" for m, lrs in swept.items() if len(lrs) > 2 and rates[m] in (min(lrs), max(lrs))]
-
-
 def markdown_table(log: RunLog) -> str:
     rec, parent = log.recipe, log.reference.get("parent", {})
     sizes, base = rec["sizes"], rec["steps"]
     runs = [complete(r, rec) for r in log.runs.values()]
-    rates = choose_rates(runs, base)
+    rates = choose_rates(runs, base, score)
     lines = [f"Ranked on validation perplexity at {base} steps (each method at its chosen rate; mean +- std over "
              "seeds); test perplexity reported, never used to choose.", "",
-             *ranked_lines(chosen_runs(runs, rates, base))]
+             *ranked_lines(chosen_runs(runs, rates, base, score))]
     for steps in sorted({r["steps"] for r in runs} - {base}):
-        lines += ["", f"At {steps} steps (the rate chosen at {base}):", "", *ranked_lines(chosen_runs(runs, rates, steps))]
-    lines += ["", "Rate sweep (seed 0, validation perplexity; bold: chosen):", "", *sweep_table(runs, base, rates)]
+        lines += ["", f"At {steps} steps (the rate chosen at {base}):", "", *ranked_lines(chosen_runs(runs, rates, steps, score))]
+    lines += ["", "Rate sweep (seed 0, validation perplexity; bold: chosen):", "", *sweep_table(runs, base, rates, "validation_perplexity", "validation perplexity")]
     edge = edge_choices(runs, base, rates)
     if edge:
         lines += ["", f"Chosen at the edge of the sweep (extend it with one more rate beyond): {', '.join(edge)}."]
@@ -440,7 +385,7 @@ def plot(log: RunLog, path: Path) -> None:
 
     runs = [complete(r, log.recipe) for r in log.runs.values()]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, chosen in chosen_runs(runs, choose_rates(runs, log.recipe["steps"]), log.recipe["steps"]).items():
+    for method, chosen in chosen_runs(runs, choose_rates(runs, log.recipe["steps"], score), log.recipe["steps"], score).items():
         curves = [r["validation_curve"] for r in chosen]
         steps = [s for s, _ in curves[0]]
         mean = [statistics.fmean(c[i][1] for c in curves) for i in range(len(steps))]
@@ -467,7 +412,7 @@ def report(out: Path, cache: Path) -> None:
                  markdown_table(log), lambda path: plot(log, path))
     if log.runs:
         runs = [complete(r, log.recipe) for r in log.runs.values()]
-        best = log.resolve(min(runs, key=lambda r: r["validation_perplexity"])["folder"])
+        best = log.resolve(min(runs, key=score)["folder"])
         if best.is_dir():
             shutil.copytree(best, cache / f"best-child-{out.name}", dirs_exist_ok=True)
     print(markdown_table(log))

@@ -4,6 +4,7 @@
       + w1 * L_c*  (the child's task loss with its carrier feature replaced by m)
       + w2 * L_p*  (the frozen parent's task loss with its carrier feature replaced by m, mapped into its space)
       + kd * KD    (optional classic distillation on the predictions)
+      + hint * H   (optional hint, FitNets: MSE(T'(q), h) at every carrier, over real positions)
 
 Passes. The parent's plain pass runs first, without autograd; one such pass serves KD and the HKT terms. When the
 single carrier is the input of both prediction heads (classification heads, or language-model heads found with
@@ -208,15 +209,15 @@ class HKTObjective:
             return self._without_items(inputs, native, label_names)
         check_targets(inputs, label_names)
         _, w1, w2 = self.weights
-        kd = self.settings.kd_weight > 0
+        kd, hint = self.settings.kd_weight > 0, self.settings.hint_weight > 0
         mixing = w1 > 0 or w2 > 0
         parent_out, h = None, {}
-        plain_parent = kd or (mixing and (self.replay or w2 == 0))
+        plain_parent = kd or hint or (mixing and (self.replay or w2 == 0))
         if plain_parent:  # the plain parent pass, first
-            parent_out, h = self._parent_pass(inputs, capture=mixing, label_names=label_names)
-        # Without HKT terms or KD the step is the Trainer's own, bit for bit.
-        native_replay = self.native_replay and (mixing or kd)
-        specs = [c.child for c in self.carriers] if mixing or native_replay else []
+            parent_out, h = self._parent_pass(inputs, capture=mixing or hint, label_names=label_names)
+        # Without HKT terms, KD or hint the step is the Trainer's own, bit for bit.
+        native_replay = self.native_replay and (mixing or kd or hint)
+        specs = [c.child for c in self.carriers] if mixing or native_replay or hint else []
         check = torch.is_grad_enabled() and not self.grad_path_checked
         self.grad_path_checked |= check
         with FeatureExtractor(child, specs, role="child", check_grad_path=check) as ext:
@@ -236,6 +237,8 @@ class HKTObjective:
             terms["kd"] = kd_loss(*shared_vocabulary(prediction(outputs), prediction(parent_out)),
                                   self.settings.kd_temperature, self.settings.kd_loss,
                                   target_mask(child, inputs.get("labels")))
+        if hint:
+            terms["hint"] = self._hint(child, adapter, inputs, q, h)
         result = self._combine(child, inputs, native_loss, outputs, terms, num_items_in_batch, mean_factor)
         result.gates = {str(c): gates[i] for i, c in enumerate(self.carriers) if i in gates}
         result.stats = self._stats(child, inputs, q, gates)
@@ -266,7 +269,8 @@ class HKTObjective:
             items = count_items(child, inputs["labels"]).to(native_loss.device)
             scale = items / num_items_in_batch
             native_part = native_loss * num_items_in_batch / items.clamp(min=1)
-        weights = dict(zip(("child_mixed", "parent_head"), self.weights[1:]), kd=self.settings.kd_weight)
+        weights = dict(zip(("child_mixed", "parent_head"), self.weights[1:]), kd=self.settings.kd_weight,
+                       hint=self.settings.hint_weight)
         terms = {name: value.float() for name, value in terms.items()}
         loss = self.weights[0] * native_loss + scale * sum(weights[name] * value for name, value in terms.items())
         return StepResult(loss, outputs, {"native": native_part, **terms})
@@ -301,6 +305,19 @@ class HKTObjective:
     def _into_parent(self, adapter: HKTAdapter, i: int, mixed: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """m mapped into the parent's space, at the parent feature's size and dtype."""
         return match_size(adapter.into_parent(i, mixed, h.dtype), h, f"carrier '{self.carriers[i]}'")
+
+    def _hint(self, child: nn.Module, adapter: HKTAdapter, inputs: dict[str, Any], q: dict[int, torch.Tensor],
+              h: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The hint term: per carrier, the squared error between the child's feature mapped into the parent's space
+        and the parent's, averaged over channels and then over real positions (padding counts nothing); the mean
+        over carriers."""
+        errors = []
+        for i, carrier in enumerate(self.carriers):
+            mapped = self._into_parent(adapter, i, q[i], h[i])
+            channel = 1 if mapped.ndim == 4 else -1
+            error = (mapped.float() - h[i].float()).pow(2).mean(channel)
+            errors.append(masked_mean(error, real_positions(child, carrier.child, inputs, q[i])))
+        return torch.stack(errors).mean()
 
     def _stats(self, child: nn.Module, inputs: dict[str, Any], q: dict[int, torch.Tensor],
                gates: dict[int, GateOutput]) -> dict[str, torch.Tensor]:

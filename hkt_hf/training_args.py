@@ -28,13 +28,14 @@ HKT_PREFIX = "hkt_"
 
 @dataclass(frozen=True)
 class ObjectiveSettings:
-    """What `HKTObjective` needs of the arguments: the weights of the native, child-mixed and parent-head terms, and
-    the optional KD term (weight 0 = off)."""
+    """What `HKTObjective` needs of the arguments: the weights of the native, child-mixed and parent-head terms, the
+    optional KD term and the optional hint term (weight 0 = off)."""
 
     loss_weights: tuple[float, float, float]
     kd_weight: float
     kd_temperature: float
     kd_loss: str
+    hint_weight: float = 0.0
 
 
 @dataclass
@@ -77,6 +78,10 @@ class HKTTrainingArguments(TrainingArguments):
             Temperature of the `"kl"` distillation term.
         hkt_kd_loss (`str`, *optional*, defaults to `"kl"`):
             `"kl"` (Hinton, on logits) or, for regression outputs such as optical flow, `"l1"` or `"mse"`.
+        hkt_hint_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of an optional hint term (FitNets): at every carrier, the MSE between the child's feature mapped
+            into the parent's space (by the carrier's child -> parent aligner, trained with it) and the parent's
+            feature, over real positions (0 = off).
         hkt_on_nonfinite (`str`, *optional*, defaults to `"stop"`):
             What a NaN/inf loss part or carrier feature does: `"stop"` raises, naming the step and the culprit
             (saved checkpoints stay intact); `"skip"` drops the batch, leaving no trace in any buffer (single
@@ -126,6 +131,11 @@ class HKTTrainingArguments(TrainingArguments):
             "'mse' between the child's and the parent's predictions."
         },
     )
+    hkt_hint_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of an optional hint term: MSE between the child's carrier features mapped into the "
+                          "parent's space and the parent's (FitNets; 0 = off)."},
+    )
     hkt_on_nonfinite: str = field(
         default="stop",
         metadata={
@@ -154,7 +164,8 @@ class HKTTrainingArguments(TrainingArguments):
     def objective_settings(self) -> "ObjectiveSettings":
         """The settings one training step's objective uses, as a typed object read once."""
         w0, w1, w2 = self.hkt_loss_weights
-        return ObjectiveSettings((w0, w1, w2), self.hkt_kd_weight, self.hkt_kd_temperature, self.hkt_kd_loss)
+        return ObjectiveSettings((w0, w1, w2), self.hkt_kd_weight, self.hkt_kd_temperature, self.hkt_kd_loss,
+                                 self.hkt_hint_weight)
 
     def hkt_settings(self) -> dict[str, Any]:
         """The `hkt_*` fields by name: what the lineage record holds and what `validate_hkt_settings` checks."""
@@ -211,17 +222,20 @@ def validate_hkt_settings(settings: Mapping[str, Any]) -> None:
         if len(weights) != 3:
             raise ValueError(f"hkt_loss_weights must be 3 numbers (native, child-mixed, parent-head), got {weights}.")
         weights = [_finite("hkt_loss_weights", w) for w in weights]
-        kd_weight = get("hkt_kd_weight")
-        kd_alone = isinstance(kd_weight, (int, float)) and kd_weight > 0
-        if any(w < 0 for w in weights) or not (any(weights) or kd_alone):
+        extra = [get(name) for name in ("hkt_kd_weight", "hkt_hint_weight")]
+        extra_only = any(isinstance(w, (int, float)) and w > 0 for w in extra)
+        if any(w < 0 for w in weights) or not (any(weights) or extra_only):
             raise ValueError(
                 f"hkt_loss_weights must be non-negative and not all zero (native, child-mixed, parent-head), got "
-                f"{weights}; all zero is allowed only with hkt_kd_weight > 0 (the KD term alone)."
+                f"{weights}; all zero is allowed only with hkt_kd_weight > 0 or hkt_hint_weight > 0 (training on "
+                "those terms alone)."
             )
     if "hkt_parent_mode" in settings:
         _one_of("hkt_parent_mode", get("hkt_parent_mode"), PARENT_MODES)
     if "hkt_kd_weight" in settings and _finite("hkt_kd_weight", get("hkt_kd_weight")) < 0:
         raise ValueError(f"hkt_kd_weight must be >= 0 (0 turns KD off), got {get('hkt_kd_weight')}.")
+    if "hkt_hint_weight" in settings and _finite("hkt_hint_weight", get("hkt_hint_weight")) < 0:
+        raise ValueError(f"hkt_hint_weight must be >= 0 (0 turns the hint term off), got {get('hkt_hint_weight')}.")
     if "hkt_kd_temperature" in settings and _finite("hkt_kd_temperature", get("hkt_kd_temperature")) <= 0:
         raise ValueError(f"hkt_kd_temperature must be > 0, got {get('hkt_kd_temperature')}.")
     if "hkt_kd_loss" in settings:

@@ -370,6 +370,66 @@ def test_cifar10_quick_writes_resumable_results(tmp_path):
     assert {json.loads(line)["kind"] for line in after[len(log_text):].splitlines()} == {"command"}
 
 
+@needs_shared
+def test_cifar10_tuned_quick_sweeps_rates_on_validation_and_reports_test(tmp_path):
+    script = str(BENCHMARKS / "cifar10_tuned.py")
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    run_script(script, "--quick", "--out", str(out), "--cache", str(cache), "--lrs", "0.01", "0.03",
+               "--methods", "child", "hint+kd")
+    log = harness.RunLog.read(out / "cifar10_tuned.jsonl")
+    assert set(log.runs) == {f"{m}/lr{lr}/seed0" for m in ("child", "hint+kd") for lr in ("0.01", "0.03")}
+    for run in log.runs.values():
+        assert 0.0 <= run["validation_accuracy"] <= 100.0 and 0.0 <= run["test_accuracy"] <= 100.0
+    parent = log.reference["adapted-parent"]
+    assert any(p.name.endswith("-holdout10") for p in cache.iterdir())  # the parent never saw a validation image
+    assert 0.0 <= parent["validation_accuracy"] <= 100.0
+    table = (out / "cifar10_tuned.md").read_text()
+    assert "| method (validation top-1 %) | lr 0.01 | lr 0.03 |" in table and "`hint+kd`" in table
+
+
+def test_the_cifar_validation_rows_are_held_out_and_not_augmented():
+    import cifar10_tuned
+
+    images = np.random.default_rng(0).integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(30) % 10
+    train, validation = cifar10_tuned.split_training(images, labels, 10)
+    assert len(train) == 27 and len(validation) == 3
+    assert validation.labels.tolist() == [0, 0, 0] and not validation.train and train.train
+    held = {img.tobytes() for img in validation.images}
+    assert not any(img.tobytes() in held for img in train.images)
+    assert cifar10_tuned.score({"validation_accuracy": 90.0}) < cifar10_tuned.score({"validation_accuracy": 80.0})
+
+
+def test_the_hint_baseline_projects_feature_map_channels_with_a_1x1_convolution(tmp_path):
+    """FitNets on ResNet stage outputs: one trained 1x1-conv projection per stage pair (channels 8 -> 16), the hint
+    an MSE against the frozen parent's map; the batch reaches the models without a cache argument they lack."""
+    import baselines
+    from transformers import TrainingArguments
+
+    from helpers import image_dataset, tiny_resnet
+
+    child, parent = tiny_resnet(8, seed=1), tiny_resnet(16, seed=2)
+    parent_before = {k: v.clone() for k, v in parent.state_dict().items()}
+    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                             use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
+                             remove_unused_columns=False)
+    stage = "resnet.encoder.stages.0"
+    trainer = baselines.BaselineTrainer(child, args, parent_model=parent, train_dataset=image_dataset(8),
+                                        pairs=[f"{stage}={stage}"], widths=[(8, 16)], hint="mse", kd_weight=1.0)
+    projection = trainer.projections[0]
+    x = torch.randn(2, 8, 5, 5)
+    conv = torch.nn.functional.conv2d(x, projection.weight[:, :, None, None], projection.bias)
+    torch.testing.assert_close(projection(x), conv)
+    before = projection.weight.detach().clone()
+    with one_torch_thread():
+        trainer.train()
+    assert not torch.equal(before, projection.weight)
+    assert all(torch.equal(v, parent.state_dict()[k]) for k, v in parent_before.items())
+    with pytest.raises(ValueError, match="widths has 2"):
+        baselines.BaselineTrainer(child, args, parent_model=parent, train_dataset=image_dataset(8),
+                                  pairs=[f"{stage}={stage}"], widths=[(8, 16), (8, 16)], hint="mse")
+
+
 LM_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "python-stdlib"
 
 
@@ -516,8 +576,8 @@ def test_each_method_gets_the_rate_of_its_best_validation_then_its_seeds_and_a_r
                   ("hint+kd", 1e-3): 30.0, ("hint+kd", 3e-3): 35.0, ("hint+kd", 1e-2): 90.0}  # best at the edge
     calls: list = []
     log = harness.RunLog.open(tmp_path / "lm.jsonl", {"steps": 10})
-    lm.protocol(log, ["kd", "hint+kd"], [1e-3, 3e-3, 1e-2], [0, 1], 10, None, fake_lm_run(calls, validation))
-    rates = lm.choose_rates(log.runs.values(), 10)
+    lm.protocol(log, ["kd", "hint+kd"], [1e-3, 3e-3, 1e-2], [0, 1], 10, None, fake_lm_run(calls, validation), lm.score)
+    rates = lm.choose_rates(log.runs.values(), 10, lm.score)
     assert rates == {"kd": 3e-3, "hint+kd": 1e-3}
     assert lm.edge_choices(list(log.runs.values()), 10, rates) == ["`hint+kd` (0.001)"]  # the report asks for more
     assert calls[6:] == [("kd", 3e-3, 1, 10), ("hint+kd", 1e-3, 1, 10)]  # seed 0 at the chosen rate: the sweep's
@@ -526,10 +586,10 @@ def test_each_method_gets_the_rate_of_its_best_validation_then_its_seeds_and_a_r
 
     calls.clear()  # again, with the longer runs of the best method only
     log = harness.RunLog.open(tmp_path / "lm.jsonl", {"steps": 10})
-    lm.protocol(log, ["kd", "hint+kd"], [1e-3, 3e-3, 1e-2], [0, 1], 40, 1, fake_lm_run(calls, validation))
+    lm.protocol(log, ["kd", "hint+kd"], [1e-3, 3e-3, 1e-2], [0, 1], 40, 1, fake_lm_run(calls, validation), lm.score)
     assert calls == [("hint+kd", 1e-3, 0, 40), ("hint+kd", 1e-3, 1, 40)]
     assert {"hint+kd/lr0.001/seed0/steps40", "hint+kd/lr0.001/seed1/steps40"} < set(log.runs)
-    ranked = lm.chosen_runs(log.runs.values(), lm.choose_rates(log.runs.values(), 10), 10)
+    ranked = lm.chosen_runs(log.runs.values(), lm.choose_rates(log.runs.values(), 10, lm.score), 10, lm.score)
     assert list(ranked) == ["hint+kd", "kd"] and [len(r) for r in ranked.values()] == [2, 2]
     table = lm.ranked_table(ranked)
     assert "| 1 | " in table[2] and "`hint+kd`" in table[2] and "| 0.001 | 2 | 29.94 +- 0.07 |" in table[2]

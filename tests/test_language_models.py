@@ -265,6 +265,58 @@ def test_forward_passes_per_step(tmp_path, lm_data, carriers, weights, kd, expec
     result.loss.backward()
 
 
+# ---- the hint term ---------------------------------------------------------------------------------------------------
+
+
+def carrier_outputs(model, layer: int, batch: dict) -> torch.Tensor:
+    """The output of decoder layer `layer` on `batch`, captured by a hook."""
+    captured = []
+    hook = model.model.layers[layer].register_forward_hook(
+        lambda mod, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        hook.remove()
+    return captured[0]
+
+
+def test_the_hint_term_is_the_mse_of_the_mapped_child_feature_over_real_positions(tmp_path, lm_data):
+    """FitNets' hint at a decoder-layer carrier (child 16 wide, parent 32): MSE between the child's feature through the
+    carrier's child -> parent aligner and the parent's, over the attention mask's positions only; its gradient trains
+    that aligner and the child, and it enters the loss at its weight."""
+    rows, collator = lm_data
+    child, parent = tiny_lm("llama", 16, seed=1), tiny_lm("llama", 32, layers=3, seed=2)
+    trainer = hkt_lm_trainer(child, parent, tmp_path, lm_data, hkt_carriers=[LAYER_CARRIERS["llama"]],
+                             hkt_loss_weights=[1.0, 0.0, 0.0], hkt_hint_weight=0.5)
+    batch = collator([rows[i] for i in (0, 5, 9, 13)])
+    mask = batch["attention_mask"].bool()
+    assert not mask.all()  # the batch is padded
+    adapter = trainer.hkt_adapter
+    child.train()
+    result = trainer._objective(child, adapter, batch, trainer._native_loss)
+    assert set(result.parts) == {"native", "hint"}
+
+    q, p = carrier_outputs(child, 0, batch), carrier_outputs(parent, 1, batch)
+    error = (adapter.to_parent[0](q) - p).pow(2).mean(-1)
+    assert result.parts["hint"].item() == pytest.approx(error[mask].mean().item(), rel=1e-5)
+    assert error.mean().item() != pytest.approx(error[mask].mean().item(), rel=1e-4)  # padding would change it
+    torch.testing.assert_close(result.loss, result.parts["native"] + 0.5 * result.parts["hint"])
+    result.loss.backward()
+    assert adapter.to_parent[0].proj.weight.grad.abs().sum() > 0
+    assert child.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_the_hint_weight_is_validated_and_may_train_alone(tmp_path):
+    with pytest.raises(ValueError, match=r"hkt_hint_weight must be >= 0"):
+        H.training_args(tmp_path, hkt_hint_weight=-1.0)
+    with pytest.raises(ValueError, match=r"hkt_hint_weight must be a finite number"):
+        H.training_args(tmp_path, hkt_hint_weight=float("nan"))
+    args = H.training_args(tmp_path, hkt_loss_weights=[0.0, 0.0, 0.0], hkt_hint_weight=1.0)
+    assert args.objective_settings().hint_weight == 1.0
+    with pytest.raises(ValueError, match=r"allowed only with hkt_kd_weight > 0 or hkt_hint_weight > 0"):
+        H.training_args(tmp_path, hkt_loss_weights=[0.0, 0.0, 0.0])
+
+
 def test_objective_takes_the_training_arguments(tmp_path, lm_data):
     child, parent = tiny_lm("llama", 16, seed=1), tiny_lm("llama", 32, seed=2)
     trainer = hkt_lm_trainer(child, parent, tmp_path, lm_data, hkt_loss_weights=[1, 0.5, 0.25])

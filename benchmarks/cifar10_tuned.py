@@ -1,0 +1,160 @@
+"""CIFAR-10 (JPEG) with every method at its own learning rate: `cifar10.py`'s recipe, methods and parent, with
+every 10th training image held out as a validation split that chooses each method's rate (`rate_protocol.py`).
+
+1. Rate sweep: every method at every rate of `--lrs` on seed 0 (the recipe's steps); the final validation accuracy
+   chooses each method's rate (highest wins). Test accuracy is measured too and chooses nothing.
+2. Seeds: every method (or, with `--top K`, the K best on validation) at its chosen rate on each of `--seeds`.
+3. Report: methods ranked on mean validation accuracy, test accuracy beside it, the sweep, the step time.
+
+The parent is the pretrained ResNet-56 adapted (150 steps, seed 0) to the training rows only, so no method's
+teacher has seen a validation image. Runs are logged at once to `<out>/cifar10_tuned.jsonl` and skipped when the
+command runs again:
+
+    python benchmarks/cifar10_tuned.py --out benchmarks/results/cifar10-tuned --lrs 0.003 0.01 0.03 --seeds 0 1 2
+    python benchmarks/cifar10_tuned.py --out benchmarks/results/cifar10-tuned --report
+    python benchmarks/cifar10_tuned.py --quick --out DIR --lrs 0.01 0.03          # smoke run on subsets
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from cifar10 import DESCRIPTIONS, FULL, METHODS, QUICK, adapted_parent, evaluate, recipe, run_one
+from common import LR, CifarTensors, decoded_split
+from harness import CACHE, RESULTS, RunLog, benchmark_parser, commands_line, mean_std, notes_lines, run_or_report
+from harness import write_report
+from rate_protocol import choose_rates, chosen_runs, edge_choices, protocol, run_key, sweep_table
+
+LOG_NAME = "cifar10_tuned.jsonl"
+HOLDOUT_EVERY = 10  # every 10th training image (5,000 of 50,000) is validation
+DEFAULT_METHODS = ["child", "kd", "hint+kd", "hkt+kd-lambda0.3", "hkt-blocks+kd"]
+
+
+def score(run: dict[str, Any]) -> float:
+    """What chooses rates and ranks methods (lower is better): minus the final validation accuracy."""
+    return -run["validation_accuracy"]
+
+
+def split_training(images: np.ndarray, labels: np.ndarray, every: int) -> tuple[CifarTensors, CifarTensors]:
+    """(training rows, augmented; every `every`-th row, for validation, not augmented)."""
+    held = np.arange(len(images)) % every == 0
+    return (CifarTensors(images[~held], labels[~held], train=True),
+            CifarTensors(images[held], labels[held], train=False))
+
+
+def run_all(opts: argparse.Namespace, argv: list[str]) -> Path:
+    settings = dict(QUICK if opts.quick else FULL, holdout_every=HOLDOUT_EVERY)
+    rec = recipe(settings, bf16=False)
+    out: Path = opts.out or (opts.cache / "quick-results-tuned" if opts.quick else RESULTS / "cifar10-tuned")
+    log = RunLog.open(out / LOG_NAME, rec)
+    finish = log.start_command("benchmarks/cifar10_tuned.py", argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    train, validation = split_training(*decoded_split("train", rec["train_rows"], opts.cache), HOLDOUT_EVERY)
+    test = CifarTensors(*decoded_split("test", rec["test_rows"], opts.cache), train=False)
+    parent, parent_info = adapted_parent(rec, (train, test), opts.cache)
+    log.set_reference("adapted-parent", {**parent_info, "validation_accuracy": evaluate(parent, validation)})
+
+    def run(method: str, lr: float, seed: int, steps: int) -> dict[str, Any]:
+        folder = opts.cache / "runs" / out.name / run_key(method, lr, seed, steps, rec["steps"])
+        record = run_one(method, seed, rec, (train, test), parent, folder, lr, validation)
+        if "lineage" in record:  # the parent was loaded from its cached folder: an absolute path
+            record["lineage"]["hkt_parent"] = log.relative(record["lineage"]["hkt_parent"])
+        return {**record, "lr": lr, "steps": steps, "folder": log.relative(folder)}
+
+    protocol(log, opts.methods, opts.lrs or [LR], opts.seeds, rec["steps"], opts.top, run, score)
+    finish()
+    report(out)
+    return log.path
+
+
+def mean_text(values: list[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.2f} +- {std:.2f}"
+
+
+def ranked_table(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    lines = ["| rank | method | rate | n | validation top-1 % | test top-1 % | test per seed | train s / run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for rank, (method, runs) in enumerate(rows.items(), 1):
+        per_seed = ", ".join(f"{r['test_accuracy']:.2f}" for r in sorted(runs, key=lambda r: r["seed"]))
+        lines.append(f"| {rank} | {DESCRIPTIONS[method]} (`{method}`) | {runs[0]['lr']:g} | {len(runs)} | "
+                     f"{mean_text([r['validation_accuracy'] for r in runs])} | "
+                     f"{mean_text([r['test_accuracy'] for r in runs])} | {per_seed} | "
+                     f"{statistics.fmean(r['train_s'] for r in runs):.0f} |")
+    return lines
+
+
+def markdown_table(log: RunLog) -> str:
+    rec, runs = log.recipe, list(log.runs.values())
+    rates = choose_rates(runs, rec["steps"], score)
+    lines = ["Ranked on validation accuracy (each method at its chosen rate; mean +- std over seeds); test accuracy "
+             "reported, never used to choose.", "", *ranked_table(chosen_runs(runs, rates, rec["steps"], score)),
+             "", "Rate sweep (seed 0, validation top-1 %; bold: chosen):", "",
+             *sweep_table(runs, rec["steps"], rates, "validation_accuracy", "validation top-1 %")]
+    edge = edge_choices(runs, rec["steps"], rates)
+    if edge:
+        lines += ["", f"Chosen at the edge of the sweep (extend it with one more rate beyond): {', '.join(edge)}."]
+    parent = log.reference.get("adapted-parent")
+    if parent:
+        lines += ["", f"Parent: ResNet-56 adapted to the training rows ({parent['steps']} steps): validation "
+                      f"{parent['validation_accuracy']:.2f} %, test {parent['test_accuracy']:.2f} %."]
+    rows = rec["train_rows"] or 50_000
+    lines += ["", f"Recipe: `cifar10.py`'s ({rec['steps']} SGD steps, batch {rec['batch_size']}, momentum "
+                  f"{rec['momentum']}, weight decay {rec['weight_decay']}, {rec['schedule']}, {rec['augmentation']}, "
+                  f"fp32, the pretrained ResNet-20 as the child's start) at each method's rate, on {rows} training "
+                  f"images less every {rec['holdout_every']}th (held out: the validation split); final accuracy in "
+                  f"fp32 on the validation split and on {rec['test_rows'] or 'all 10,000'} test images, once, after "
+                  "the last step.", "", commands_line(log.commands.values()), *notes_lines(log.runs)]
+    return "\n".join(lines)
+
+
+def plot(log: RunLog, path: Path) -> None:
+    """Validation accuracy against rate (seed 0), one line per method."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sweep = [r for r in log.runs.values() if r["seed"] == 0 and r["steps"] == log.recipe["steps"]]
+    for method in dict.fromkeys(r["method"] for r in sweep):
+        points = sorted((r["lr"], r["validation_accuracy"]) for r in sweep if r["method"] == method)
+        ax.plot(*zip(*points), marker="o", label=method, linestyle="-" if method.startswith("hkt") else "--")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (SGD)")
+    ax.set_ylabel("validation top-1 % (seed 0)")
+    ax.set_title("ResNet-20 child, ResNet-56 parent: the rate sweep")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(out: Path) -> None:
+    log = RunLog.read(out / LOG_NAME)
+    write_report(out, "cifar10_tuned", "CIFAR-10 (JPEG): final accuracy at each method's rate", markdown_table(log),
+                 lambda path: plot(log, path))
+    print(markdown_table(log))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = benchmark_parser(__doc__.split("\n\n")[0], METHODS, DEFAULT_METHODS, CACHE,
+                              "a few steps on subsets: a CI smoke run")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None,
+                        help=f"rates of the seed-0 sweep (default: the recipe's {LR} only, no sweep)")
+    parser.add_argument("--top", type=int, default=None, help="run the seeds of the K best methods on validation only")
+    opts = parser.parse_args(argv)
+    if opts.top is not None and opts.top < 1:
+        parser.error("--top must be at least 1")
+    if opts.lrs and (min(opts.lrs) <= 0 or len(set(opts.lrs)) != len(opts.lrs)):
+        parser.error(f"--lrs must be distinct positive rates, got {opts.lrs}")
+    if opts.steps is not None:
+        parser.error("--steps is the recipe's here (cifar10.py's); use cifar10.py for other budgets")
+    return run_or_report(opts, argv, run_all, report)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
