@@ -35,11 +35,14 @@ RECORD_KEYS = ("format_version", "child_architecture", *IDENTITY_KEYS, "resumed_
 # Version 1 (hkt-hf 0.1) wrote the settings without the prefix, and lambda as `lam`.
 _V1_RENAMED = {"lam": "hkt_lambda"}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Settings added since version 3 with a default that keeps the earlier objective: a record without one was written
+# before it existed, so it trained with that default (and resumes as such).
+_ADDED_DEFAULTS = {"hkt_hint_weight": 0.0}
 
 # What defines the objective a checkpoint's optimizer state, schedule and aligners belong to: a resume keeps them.
 OBJECTIVE_KEYS = (
     "child_architecture", "hkt_carriers", "hkt_gate", "hkt_lambda", "hkt_loss_weights", "hkt_parent_mode",
-    "hkt_kd_weight", "hkt_kd_temperature", "hkt_kd_loss",
+    "hkt_kd_weight", "hkt_kd_temperature", "hkt_kd_loss", "hkt_hint_weight",
 )
 # What names the parent where no fingerprint on both sides identifies it by content.
 PARENT_NAME_KEYS = ("hkt_parent", "hkt_parent_revision", "parent_commit")
@@ -133,6 +136,7 @@ def parse_lineage(data: dict[str, Any]) -> dict[str, Any]:
         )
     if version == 1:
         data = {k if k in RECORD_KEYS else _V1_RENAMED.get(k, "hkt_" + k): v for k, v in data.items()}
+    data = {**_ADDED_DEFAULTS, **data}
     settings = {k: v for k, v in data.items() if k not in RECORD_KEYS}
     try:
         validate_hkt_settings(settings)

@@ -276,5 +276,8 @@ def test_version_1_records_of_earlier_releases_still_read(tmp_path):
           "kd_loss": "kl", "on_nonfinite": "stop", "child_architecture": "ViTForImageClassification"}
     lineage = parse_lineage(v1)
     assert (lineage["hkt_parent"], lineage["hkt_gate"], lineage["hkt_lambda"]) == (PARENT, "agreement", 0.3)
+    # A setting added later reads as the default the record was trained with, so its resumes are not refused.
+    assert lineage["hkt_hint_weight"] == 0.0 and record()["hkt_hint_weight"] == 0.0
+    assert record(hkt_hint_weight=0.5)["hkt_hint_weight"] == 0.5
     with pytest.raises(ValueError, match="hkt_lambda must lie in"):
         parse_lineage({**v1, "lam": 3.0})

@@ -224,6 +224,7 @@ OBJECTIVE_CHANGES = [
     ({"hkt_kd_weight": 0.5}, "hkt_kd_weight: 0.0 -> 0.5"),
     ({"hkt_kd_temperature": 2.0}, "hkt_kd_temperature: 4.0 -> 2.0"),
     ({"hkt_kd_loss": "mse"}, "hkt_kd_loss: 'kl' -> 'mse'"),
+    ({"hkt_hint_weight": 0.5}, "hkt_hint_weight: 0.0 -> 0.5"),
     ({"hkt_parent_mode": "train-bn"}, "hkt_parent_mode: 'eval' -> 'train-bn'"),
     ({"hkt_gate": "static", "hkt_lambda": 0.3}, "hkt_lambda: 0.6 -> 0.3"),
 ]
