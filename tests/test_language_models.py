@@ -23,7 +23,7 @@ from transformers import (
 
 import helpers as H
 from hkt_hf import HKTTrainer
-from hkt_hf.objective import HKTObjective
+from hkt_hf.objective import HKTObjective, StepResult
 
 VOCAB = len(H.word_tokenizer())
 LAYER_CARRIERS = {"gpt2": "transformer.h.1=transformer.h.0", "llama": "model.layers.1=model.layers.0",
@@ -192,18 +192,23 @@ def test_the_models_own_loss_stays_the_native_term_where_replaying_would_change_
 # ---- real positions --------------------------------------------------------------------------------------------------
 
 
-def test_gate_statistics_and_kd_use_real_positions_only(tmp_path, lm_data):
-    """Recomputed by hand on a padded batch: the gate mean over attention-mask positions, no mixing at padding, and
-    KD over the positions with a (shifted) label."""
+def padded_objective(trainer: HKTTrainer, lm_data) -> tuple[dict, torch.Tensor, StepResult]:
+    """One objective call in training mode on a padded batch of four sentences: the batch, its real positions and
+    the result."""
     rows, collator = lm_data
-    child, parent = tiny_lm("llama", 16, seed=1), tiny_lm("llama", 16, layers=3, seed=2)
-    trainer = hkt_lm_trainer(child, parent, tmp_path, lm_data, hkt_kd_weight=1.0, hkt_kd_temperature=2.0)
     batch = collator([rows[i] for i in (0, 5, 9, 13)])
     mask = batch["attention_mask"].bool()
     assert not mask.all()  # the batch is padded
-    adapter = trainer.hkt_adapter
-    child.train()
-    result = trainer._objective(child, adapter, batch, trainer._native_loss)
+    trainer.model.train()
+    return batch, mask, trainer._objective(trainer.model, trainer.hkt_adapter, batch, trainer._native_loss)
+
+
+def test_gate_statistics_and_kd_use_real_positions_only(tmp_path, lm_data):
+    """Recomputed by hand on a padded batch: the gate mean over attention-mask positions, no mixing at padding, and
+    KD over the positions with a (shifted) label."""
+    child, parent = tiny_lm("llama", 16, seed=1), tiny_lm("llama", 16, layers=3, seed=2)
+    trainer = hkt_lm_trainer(child, parent, tmp_path, lm_data, hkt_kd_weight=1.0, hkt_kd_temperature=2.0)
+    batch, mask, result = padded_objective(trainer, lm_data)
 
     captured = {}
     hooks = [m.lm_head.register_forward_pre_hook(lambda mod, args, key=key: captured.__setitem__(key, args[0]))
@@ -284,16 +289,11 @@ def test_the_hint_term_is_the_mse_of_the_mapped_child_feature_over_real_position
     """FitNets' hint at a decoder-layer carrier (child 16 wide, parent 32): MSE between the child's feature through the
     carrier's child -> parent aligner and the parent's, over the attention mask's positions only; its gradient trains
     that aligner and the child, and it enters the loss at its weight."""
-    rows, collator = lm_data
     child, parent = tiny_lm("llama", 16, seed=1), tiny_lm("llama", 32, layers=3, seed=2)
     trainer = hkt_lm_trainer(child, parent, tmp_path, lm_data, hkt_carriers=[LAYER_CARRIERS["llama"]],
                              hkt_loss_weights=[1.0, 0.0, 0.0], hkt_hint_weight=0.5)
-    batch = collator([rows[i] for i in (0, 5, 9, 13)])
-    mask = batch["attention_mask"].bool()
-    assert not mask.all()  # the batch is padded
+    batch, mask, result = padded_objective(trainer, lm_data)
     adapter = trainer.hkt_adapter
-    child.train()
-    result = trainer._objective(child, adapter, batch, trainer._native_loss)
     assert set(result.parts) == {"native", "hint"}
 
     q, p = carrier_outputs(child, 0, batch), carrier_outputs(parent, 1, batch)
