@@ -121,10 +121,8 @@ def final_logs(trainer: Trainer) -> dict[str, float]:
 
 
 def adapted_parent(rec: dict[str, Any], data, cache: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The pretrained ResNet-56 fine-tuned on the JPEG training split with the shared recipe (seed 0), cached; on
-    the rows left for training when the recipe holds some out for validation (`holdout_every`)."""
+    """The pretrained ResNet-56 fine-tuned on the JPEG training split with the shared recipe (seed 0), cached."""
     key = f"parent-resnet56-jpeg-{rec['parent_steps']}steps-{rec['train_rows'] or 'all'}rows-b{rec['batch_size']}"
-    key += f"-holdout{rec['holdout_every']}" if rec.get("holdout_every") else ""
     folder = cache / key
     info_path = folder / "adaptation.json"
     if not info_path.exists():
