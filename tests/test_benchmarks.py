@@ -534,7 +534,7 @@ def test_each_baseline_trains_its_projection_and_child_with_the_parent_frozen(tm
 
 
 @pytest.mark.parametrize("hint", [False, True], ids=["kd", "hint+kd"])
-def test_the_baselines_kd_and_hint_terms_are_the_packages(hint):
+def test_the_baselines_kd_and_hint_terms_are_the_packages(hint, tmp_path):
     """On one batch the baseline's loss is the package's: KD alone (HKTTrainer, weights [1, 0, 0]), and hint + KD
     (`hkt_hint_weight`) when the baseline's projections hold the weights of HKT's child -> parent aligners."""
     import baselines
@@ -544,7 +544,7 @@ def test_the_baselines_kd_and_hint_terms_are_the_packages(hint):
     from hkt_hf import HKTTrainer, HKTTrainingArguments
 
     parent, child = tiny_llama(32, 4), tiny_llama(16, 2, seed=1)
-    common = dict(output_dir="unused", use_cpu=True, report_to="none", per_device_train_batch_size=4)
+    common = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=4)
     batch = default_data_collator([token_blocks(4)[i] for i in range(4)])
     pairs = ["model.layers.1=model.layers.0", "model.layers.3=model.layers.1"] if hint else []
     hkt = dict(hkt_carriers=pairs, hkt_hint_weight=0.7) if hint else {}
