@@ -4,7 +4,7 @@
       + w1 * L_c*  (the child's task loss with its carrier feature replaced by m)
       + w2 * L_p*  (the frozen parent's task loss with its carrier feature replaced by m, mapped into its space)
       + kd * KD    (optional classic distillation on the predictions)
-      + hint * H   (optional hint, FitNets: MSE(T'(q), h) at every carrier, over real positions)
+      + hint * H   (optional hint, FitNets: MSE(T'(q), h) at every carrier, a mean over items as every term)
 
 Passes. The parent's plain pass runs first, without autograd; one such pass serves KD and the HKT terms. When the
 single carrier is the input of both prediction heads (classification heads, or language-model heads found with
@@ -309,14 +309,14 @@ class HKTObjective:
     def _hint(self, child: nn.Module, adapter: HKTAdapter, inputs: dict[str, Any], q: dict[int, torch.Tensor],
               h: dict[int, torch.Tensor]) -> torch.Tensor:
         """The hint term: per carrier, the squared error between the child's feature mapped into the parent's space
-        and the parent's, averaged over channels and then over real positions (padding counts nothing); the mean
-        over carriers."""
+        and the parent's, averaged over channels, then over this batch's items (`item_mean`); the mean over
+        carriers."""
+        targets = target_mask(child, inputs.get("labels"))
         errors = []
         for i, carrier in enumerate(self.carriers):
             mapped = self._into_parent(adapter, i, q[i], h[i])
-            channel = 1 if mapped.ndim == 4 else -1
-            error = (mapped.float() - h[i].float()).pow(2).mean(channel)
-            errors.append(masked_mean(error, real_positions(child, carrier.child, inputs, q[i])))
+            error = (mapped.float() - h[i].float()).pow(2).mean(1 if mapped.ndim == 4 else -1)
+            errors.append(item_mean(error, targets, real_positions(child, carrier.child, inputs, q[i])))
         return torch.stack(errors).mean()
 
     def _stats(self, child: nn.Module, inputs: dict[str, Any], q: dict[int, torch.Tensor],
@@ -389,6 +389,17 @@ class HKTObjective:
         with torch.no_grad(), running_stats_kept(child), FeatureExtractor(child, specs, into_child,
                                                                             grad_after_replace=True, role="child"):
             return model_loss(child(**without_cache(child, inputs)), "child")
+
+
+def item_mean(error: torch.Tensor, targets: torch.Tensor | None, real: torch.Tensor | None) -> torch.Tensor:
+    """A per-position error [B, ...] as a mean over this batch's items, like every other term (so accumulated
+    micro-batches give one big batch's value): over the positions with a target where the feature has one position
+    per target (token tasks), else per sample over its real positions (all positions of a map), then over samples."""
+    if targets is not None and tuple(targets.shape) == tuple(error.shape):
+        return masked_mean(error, targets)
+    if real is not None:
+        error = (error * real).sum(1) / real.sum(1).clamp(min=1)
+    return error.flatten(1).mean(1).mean() if error.ndim > 1 else error.mean()
 
 
 def model_loss(outputs: Any, role: str) -> torch.Tensor:

@@ -81,7 +81,8 @@ class HKTTrainingArguments(TrainingArguments):
         hkt_hint_weight (`float`, *optional*, defaults to `0.0`):
             Weight of an optional hint term (FitNets): at every carrier, the MSE between the child's feature mapped
             into the parent's space (by the carrier's child -> parent aligner, trained with it) and the parent's
-            feature, over real positions (0 = off).
+            feature, as a mean over the batch's items like every term: the positions with a target for token tasks, else
+            the samples, each over its real positions (0 = off).
         hkt_on_nonfinite (`str`, *optional*, defaults to `"stop"`):
             What a NaN/inf loss part or carrier feature does: `"stop"` raises, naming the step and the culprit
             (saved checkpoints stay intact); `"skip"` drops the batch, leaving no trace in any buffer (single

@@ -120,14 +120,16 @@ def assert_same_update(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], s
         torch.testing.assert_close(da, db, rtol=1e-4, atol=1e-4 * db.abs().max().item() + 1e-7, msg=key)
 
 
-@pytest.mark.parametrize(("trainer_class", "carriers"), [(Trainer, None), (HKTTrainer, ["auto", LAYER_CARRIERS["llama"]]),
-                                                         (HKTTrainer, ["auto"])], ids=["plain", "hkt", "hkt-head"])
-def test_padded_accumulation_gives_the_update_of_one_big_batch(trainer_class, carriers, tmp_path, lm_data):
+@pytest.mark.parametrize(("trainer_class", "carriers", "hint"),
+                         [(Trainer, None, 0.0), (HKTTrainer, ["auto", LAYER_CARRIERS["llama"]], 0.0),
+                          (HKTTrainer, ["auto"], 0.0), (HKTTrainer, [LAYER_CARRIERS["llama"]], 0.5)],
+                         ids=["plain", "hkt", "hkt-head", "hkt-hint"])
+def test_padded_accumulation_gives_the_update_of_one_big_batch(trainer_class, carriers, hint, tmp_path, lm_data):
     """Batch 4 x accumulation 1 and batch 2 x accumulation 2 over padded sequences of different lengths: the plain
     Trainer (the reference) and HKTTrainer (head and layer carriers, KD; the head carrier alone, whose native term is
-    replayed from the head in chunks) all give the same update."""
+    replayed from the head in chunks; the hint term) all give the same update."""
     start = tiny_lm("llama", 16, seed=1).state_dict()
-    hkt = dict(hkt_carriers=carriers, hkt_kd_weight=0.5) if trainer_class is HKTTrainer else {}
+    hkt = dict(hkt_carriers=carriers, hkt_kd_weight=0.5, hkt_hint_weight=hint) if trainer_class is HKTTrainer else {}
     big = one_update(trainer_class, tmp_path, lm_data, 4, 1, **hkt)
     small = one_update(trainer_class, tmp_path, lm_data, 2, 2, **hkt)
     assert any(not torch.equal(big[k], start[k]) for k in start)
@@ -285,21 +287,22 @@ def carrier_outputs(model, layer: int, batch: dict) -> torch.Tensor:
     return captured[0]
 
 
-def test_the_hint_term_is_the_mse_of_the_mapped_child_feature_over_real_positions(tmp_path, lm_data):
+def test_the_hint_term_is_the_mse_of_the_mapped_child_feature_over_the_items(tmp_path, lm_data):
     """FitNets' hint at a decoder-layer carrier (child 16 wide, parent 32): MSE between the child's feature through the
-    carrier's child -> parent aligner and the parent's, over the attention mask's positions only; its gradient trains
-    that aligner and the child, and it enters the loss at its weight."""
+    carrier's child -> parent aligner and the parent's, over the items only (the positions with a target, as KD); its
+    gradient trains that aligner and the child, and it enters the loss at its weight."""
     child, parent = tiny_lm("llama", 16, seed=1), tiny_lm("llama", 32, layers=3, seed=2)
     trainer = hkt_lm_trainer(child, parent, tmp_path, lm_data, hkt_carriers=[LAYER_CARRIERS["llama"]],
                              hkt_loss_weights=[1.0, 0.0, 0.0], hkt_hint_weight=0.5)
-    batch, mask, result = padded_objective(trainer, lm_data)
+    batch, _, result = padded_objective(trainer, lm_data)
     adapter = trainer.hkt_adapter
     assert set(result.parts) == {"native", "hint"}
 
     q, p = carrier_outputs(child, 0, batch), carrier_outputs(parent, 1, batch)
     error = (adapter.to_parent[0](q) - p).pow(2).mean(-1)
-    assert result.parts["hint"].item() == pytest.approx(error[mask].mean().item(), rel=1e-5)
-    assert error.mean().item() != pytest.approx(error[mask].mean().item(), rel=1e-4)  # padding would change it
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100).ne(-100)  # the items: positions with a next token
+    assert result.parts["hint"].item() == pytest.approx(error[targets].mean().item(), rel=1e-5)
+    assert error.mean().item() != pytest.approx(error[targets].mean().item(), rel=1e-4)  # padding would change it
     torch.testing.assert_close(result.loss, result.parts["native"] + 0.5 * result.parts["hint"])
     result.loss.backward()
     assert adapter.to_parent[0].proj.weight.grad.abs().sum() > 0
