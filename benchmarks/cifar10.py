@@ -59,6 +59,7 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "hkt+kd-lambda0.3": dict(hkt_lambda=0.3, **KD),
     "hkt-blocks+kd": dict(hkt_carriers=["blocks"], **KD),
     "hint+kd": dict(baseline=dict(hint="mse", kd_weight=1.0, kd_temperature=4.0)),
+    "hint0.1+kd": dict(baseline=dict(hint="mse", weight=0.1, kd_weight=1.0, kd_temperature=4.0)),
 }
 DESCRIPTIONS = {
     "child": "child alone (plain `Trainer`)",
@@ -74,6 +75,7 @@ DESCRIPTIONS = {
     "hkt-blocks+kd": "HKT, `blocks` carriers (the `layer1`-`layer3` outputs) + KD term (T = 4, weight 1)",
     "hint+kd": "hint + KD: MSE(1x1-conv projection of the child's stage output, the parent's) at `layer1`-`layer3` "
                "+ KD (T = 4, weight 1) (FitNets)",
+    "hint0.1+kd": "hint + KD at hint weight 0.1",
 }
 FULL = dict(steps=400, parent_steps=150, train_rows=None, test_rows=None, batch_size=BATCH_SIZE)
 QUICK = dict(steps=6, parent_steps=3, train_rows=512, test_rows=200, batch_size=32)
