@@ -14,8 +14,9 @@ the same layer pairs as HKT's `blocks` carriers), one of:
 plus `kd_weight` x the package's KD term (T^2 KL(parent || child) on the logits, the positions with a target).
 The parent runs first, without autograd (the stitched passes record a graph only from the replaced feature on), and
 stays frozen; the projections (one `nn.Linear` per pair) are in the optimizer at the Trainer's rate, without weight
-decay. Terms other than the child's own loss are means over this batch (no gradient accumulation in the
-benchmarks, so that is the Trainer's normalisation too).
+decay; `clip_projections=True` clips their gradients at the Trainer's `max_grad_norm` (the CIFAR runs, with SGD; the
+language-model runs, with AdamW, were made without it and keep it off). Terms other than the child's own loss are
+means over this batch (no gradient accumulation in the benchmarks, so that is the Trainer's normalisation too).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ class BaselineTrainer(Trainer):
 
     def __init__(self, model: nn.Module, args: Any, *trainer_args: Any, parent_model: nn.Module, pairs: list[str],
                  hint: str | None = None, stitch: bool = False, weight: float = 1.0, kd_weight: float = 0.0,
-                 kd_temperature: float = 1.0, widths: list[tuple[int, int]] | None = None, **trainer_kwargs: Any):
+                 kd_temperature: float = 1.0, widths: list[tuple[int, int]] | None = None,
+                 clip_projections: bool = False, **trainer_kwargs: Any):
         if hint not in HINTS:
             raise ValueError(f"hint must be one of {HINTS}, got {hint!r}.")
         if hint is None and not stitch and kd_weight <= 0:
@@ -94,6 +96,7 @@ class BaselineTrainer(Trainer):
         self.pairs = parse_pairs(pairs) if hint or stitch else []
         self.hint, self.stitch, self.weight = hint, stitch, weight
         self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
+        self.clip_projections = clip_projections
         if widths is None:
             widths = [(hidden_size(model, "child"), hidden_size(parent_model, "parent"))] * len(self.pairs)
         if len(widths) != len(self.pairs):
@@ -101,11 +104,18 @@ class BaselineTrainer(Trainer):
         self.projections = nn.ModuleList(Projection(*w) for w in widths).to(self.args.device)
 
     def create_optimizer(self, *args: Any, **kwargs: Any):
-        """The Trainer's optimizer, with the projections as one more parameter group (no weight decay)."""
+        """The Trainer's optimizer, with the projections as one more parameter group (no weight decay); with
+        `clip_projections`, their gradients clipped at `max_grad_norm` before each step, as the Trainer clips the
+        model's (it clips only those: unclipped, the hint's large gradients on feature maps made SGD diverge)."""
         optimizer = super().create_optimizer(*args, **kwargs)
         if self.pairs and not any(g.get("hkt_projections") for g in optimizer.param_groups):
-            optimizer.add_param_group({"params": list(self.projections.parameters()), "weight_decay": 0.0,
-                                       "hkt_projections": True})
+            params = list(self.projections.parameters())
+            optimizer.add_param_group({"params": params, "weight_decay": 0.0, "hkt_projections": True})
+            if self.clip_projections and self.args.max_grad_norm:
+                def clip(*_: Any) -> None:
+                    torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
+
+                optimizer.register_step_pre_hook(clip)
         return optimizer
 
     def train(self, *args: Any, **kwargs: Any):

@@ -100,7 +100,8 @@ def trainer_for(method: str, model, args_dir: Path, seed: int, rec: dict[str, An
     if "baseline" in extra:
         widths = list(zip(model.config.hidden_sizes, parent.config.hidden_sizes))
         return BaselineTrainer(model, recipe_args(TrainingArguments, *shared), parent_model=copy.deepcopy(parent),
-                               pairs=[f"{s}={s}" for s in STAGES], widths=widths, **extra["baseline"], **common)
+                               pairs=[f"{s}={s}" for s in STAGES], widths=widths, clip_projections=True,
+                               **extra["baseline"], **common)
     args = recipe_args(HKTTrainingArguments, *shared, **extra)
     return HKTTrainer(model, args, parent_model=copy.deepcopy(parent), **common)
 

@@ -410,10 +410,11 @@ def test_the_hint_baseline_projects_feature_map_channels_with_a_1x1_convolution(
     parent_before = {k: v.clone() for k, v in parent.state_dict().items()}
     args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
                              use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
-                             remove_unused_columns=False)
+                             remove_unused_columns=False, optim="sgd")
     stage = "resnet.encoder.stages.0"
     trainer = baselines.BaselineTrainer(child, args, parent_model=parent, train_dataset=image_dataset(8),
-                                        pairs=[f"{stage}={stage}"], widths=[(8, 16)], hint="mse", kd_weight=1.0)
+                                        pairs=[f"{stage}={stage}"], widths=[(8, 16)], hint="mse", kd_weight=1.0,
+                                        clip_projections=True)
     projection = trainer.projections[0]
     x = torch.randn(2, 8, 5, 5)
     conv = torch.nn.functional.conv2d(x, projection.weight[:, :, None, None], projection.bias)
@@ -423,6 +424,20 @@ def test_the_hint_baseline_projects_feature_map_channels_with_a_1x1_convolution(
         trainer.train()
     assert not torch.equal(before, projection.weight)
     assert all(torch.equal(v, parent.state_dict()[k]) for k, v in parent_before.items())
+    # Their gradients are clipped at max_grad_norm, as the Trainer clips the model's: a huge gradient moves a
+    # projection by at most lr x max_grad_norm (plain SGD here).
+    trainer.args.learning_rate, trainer.args.max_grad_norm = 0.1, 1.0
+    trainer.optimizer = None
+    optimizer = trainer.create_optimizer()
+    for group in optimizer.param_groups:
+        group.update(lr=0.1, momentum=0.0)
+    before = [p.detach().clone() for p in trainer.projections.parameters()]
+    optimizer.zero_grad()
+    for p in trainer.projections.parameters():
+        p.grad = torch.full_like(p, 1000.0)
+    optimizer.step()
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(trainer.projections.parameters(), before)])
+    assert 0 < moved.norm().item() <= 0.1 * 1.0 + 1e-6
     with pytest.raises(ValueError, match="widths has 2"):
         baselines.BaselineTrainer(child, args, parent_model=parent, train_dataset=image_dataset(8),
                                   pairs=[f"{stage}={stage}"], widths=[(8, 16), (8, 16)], hint="mse")
