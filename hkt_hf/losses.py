@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.loss.loss_utils import ForQuestionAnsweringLoss, ForSequenceClassificationLoss
 
+from .mixture import masked_mean
 from .model_state import base_of
 from .tasks import QA_TASK, TOKEN_TASKS, loss_task
 
@@ -183,3 +184,14 @@ class SummedKL(torch.autograd.Function):
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
         return grad * grad_total.to(grad.dtype), None, None, None
+
+
+def item_mean(error: torch.Tensor, targets: torch.Tensor | None, real: torch.Tensor | None) -> torch.Tensor:
+    """A per-position error [B, ...] as a mean over this batch's items, like every other term (so accumulated
+    micro-batches give one big batch's value): over the positions with a target where the feature has one position
+    per target (token tasks), else per sample over its real positions (all positions of a map), then over samples."""
+    if targets is not None and tuple(targets.shape) == tuple(error.shape):
+        return masked_mean(error, targets)
+    if real is not None:
+        error = (error * real).sum(1) / real.sum(1).clamp(min=1)
+    return error.flatten(1).mean(1).mean() if error.ndim > 1 else error.mean()

@@ -41,6 +41,7 @@ from .losses import (
     IGNORE_INDEX,
     count_items,
     head_loss,
+    item_mean,
     kd_loss,
     target_labels,
     target_mask,
@@ -389,17 +390,6 @@ class HKTObjective:
         with torch.no_grad(), running_stats_kept(child), FeatureExtractor(child, specs, into_child,
                                                                             grad_after_replace=True, role="child"):
             return model_loss(child(**without_cache(child, inputs)), "child")
-
-
-def item_mean(error: torch.Tensor, targets: torch.Tensor | None, real: torch.Tensor | None) -> torch.Tensor:
-    """A per-position error [B, ...] as a mean over this batch's items, like every other term (so accumulated
-    micro-batches give one big batch's value): over the positions with a target where the feature has one position
-    per target (token tasks), else per sample over its real positions (all positions of a map), then over samples."""
-    if targets is not None and tuple(targets.shape) == tuple(error.shape):
-        return masked_mean(error, targets)
-    if real is not None:
-        error = (error * real).sum(1) / real.sum(1).clamp(min=1)
-    return error.flatten(1).mean(1).mean() if error.ndim > 1 else error.mean()
 
 
 def model_loss(outputs: Any, role: str) -> torch.Tensor:
