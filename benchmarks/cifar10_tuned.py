@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from cifar10 import DESCRIPTIONS, FULL, METHODS, QUICK, adapted_parent, evaluate, recipe, run_one
 from common import LR, CifarTensors, decoded_split
-from harness import CACHE, RESULTS, RunLog, benchmark_parser, commands_line, mean_std, notes_lines, run_or_report
+from harness import CACHE, RESULTS, RunLog, benchmark_parser, commands_line, mean_text, notes_lines, run_or_report
 from harness import write_report
-from rate_protocol import choose_rates, chosen_runs, edge_choices, protocol, run_key, sweep_table
+from rate_protocol import add_rate_options, check_rate_options, choose_rates, chosen_runs, edge_choices, protocol
+from rate_protocol import run_key, sweep_runs, sweep_table
 
 LOG_NAME = "cifar10_tuned.jsonl"
 VALIDATION_EVERY = 2  # every 2nd test image (5,000 of 10,000) is validation, the rest test
@@ -78,11 +79,6 @@ def run_all(opts: argparse.Namespace, argv: list[str]) -> Path:
     return log.path
 
 
-def mean_text(values: list[float]) -> str:
-    mean, std = mean_std(values)
-    return f"{mean:.2f} +- {std:.2f}"
-
-
 def ranked_table(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
     lines = ["| rank | method | rate | n | validation top-1 % | test top-1 % | test per seed | train s / run |",
              "|---|---|---|---|---|---|---|---|"]
@@ -124,7 +120,7 @@ def plot(log: RunLog, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    sweep = [r for r in log.runs.values() if r["seed"] == 0 and r["steps"] == log.recipe["steps"]]
+    sweep = sweep_runs(log.runs.values(), log.recipe["steps"])
     for method in dict.fromkeys(r["method"] for r in sweep):
         points = sorted((r["lr"], r["validation_accuracy"]) for r in sweep if r["method"] == method)
         ax.plot(*zip(*points), marker="o", label=method, linestyle="-" if method.startswith("hkt") else "--")
@@ -140,22 +136,18 @@ def plot(log: RunLog, path: Path) -> None:
 
 def report(out: Path) -> None:
     log = RunLog.read(out / LOG_NAME)
-    write_report(out, "cifar10_tuned", "CIFAR-10 (JPEG): final accuracy at each method's rate", markdown_table(log),
+    table = markdown_table(log)
+    write_report(out, "cifar10_tuned", "CIFAR-10 (JPEG): final accuracy at each method's rate", table,
                  lambda path: plot(log, path))
-    print(markdown_table(log))
+    print(table)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser(__doc__.split("\n\n")[0], METHODS, DEFAULT_METHODS, CACHE,
                               "a few steps on subsets: a CI smoke run")
-    parser.add_argument("--lrs", type=float, nargs="+", default=None,
-                        help=f"rates of the seed-0 sweep (default: the recipe's {LR} only, no sweep)")
-    parser.add_argument("--top", type=int, default=None, help="run the seeds of the K best methods on validation only")
+    add_rate_options(parser, LR)
     opts = parser.parse_args(argv)
-    if opts.top is not None and opts.top < 1:
-        parser.error("--top must be at least 1")
-    if opts.lrs and (min(opts.lrs) <= 0 or len(set(opts.lrs)) != len(opts.lrs)):
-        parser.error(f"--lrs must be distinct positive rates, got {opts.lrs}")
+    check_rate_options(parser, opts)
     if opts.steps is not None:
         parser.error("--steps is the recipe's here (cifar10.py's); use cifar10.py for other budgets")
     return run_or_report(opts, argv, run_all, report)

@@ -299,6 +299,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def mean_text(values: list[float]) -> str:
+    """`mean +- std` of `values`, two decimals (the tables' cell)."""
+    mean, std = mean_std(values)
+    return f"{mean:.2f} +- {std:.2f}"
+
+
 def by_method(runs: Iterable[dict[str, Any]], metric: str, order: Iterable[str] | None = None
               ) -> dict[str, dict[str, Any]]:
     """Per method (in `order`, else as first seen): seeds, `values` of `metric`, their mean and std, and the mean

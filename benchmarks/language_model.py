@@ -39,11 +39,12 @@ from typing import Any
 import torch
 from baselines import BaselineTrainer
 from comparison import kd_settings
-from harness import CACHE, RESULTS, RunLog, benchmark_parser, commands_line, mean_std, notes_lines, run_or_report
+from harness import CACHE, RESULTS, RunLog, benchmark_parser, commands_line, mean_text, notes_lines, run_or_report
 from harness import write_report
 from lm_task import DATA_DIR, DATASET, FULL_SIZES, HEAD_CARRIER, LMSizes, child_config, layer_carriers, lm_args
 from lm_task import new_model, prepare, set_license, strided
-from rate_protocol import choose_rates, chosen_runs, edge_choices, protocol, run_key, sweep_table
+from rate_protocol import add_rate_options, check_rate_options, choose_rates, chosen_runs, edge_choices, protocol
+from rate_protocol import run_key, sweep_table
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, default_data_collator
 
 from hkt_hf import HKTTrainer, HKTTrainingArguments
@@ -292,11 +293,6 @@ def complete(run: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
             "validation_perplexity": run["validation_curve"][-1][1], **run}
 
 
-def mean_text(values: list[float]) -> str:
-    mean, std = mean_std(values)
-    return f"{mean:.2f} +- {std:.2f}"
-
-
 def gates_text(runs: list[dict[str, Any]]) -> str:
     """Per carrier: the last logged mean gate a and mixing weight, averaged over the runs."""
     stats: dict[str, dict[str, list[float]]] = {}
@@ -351,8 +347,10 @@ def markdown_table(log: RunLog) -> str:
              "seeds); test perplexity reported, never used to choose.", "",
              *ranked_lines(chosen_runs(runs, rates, base, score))]
     for steps in sorted({r["steps"] for r in runs} - {base}):
-        lines += ["", f"At {steps} steps (the rate chosen at {base}):", "", *ranked_lines(chosen_runs(runs, rates, steps, score))]
-    lines += ["", "Rate sweep (seed 0, validation perplexity; bold: chosen):", "", *sweep_table(runs, base, rates, "validation_perplexity", "validation perplexity")]
+        lines += ["", f"At {steps} steps (the rate chosen at {base}):", "",
+                  *ranked_lines(chosen_runs(runs, rates, steps, score))]
+    lines += ["", "Rate sweep (seed 0, validation perplexity; bold: chosen):", "",
+              *sweep_table(runs, base, rates, "validation_perplexity", "validation perplexity")]
     edge = edge_choices(runs, base, rates)
     if edge:
         lines += ["", f"Chosen at the edge of the sweep (extend it with one more rate beyond): {', '.join(edge)}."]
@@ -383,9 +381,9 @@ def plot(log: RunLog, path: Path) -> None:
     the parent's as a line."""
     import matplotlib.pyplot as plt
 
-    runs = [complete(r, log.recipe) for r in log.runs.values()]
+    runs, base = [complete(r, log.recipe) for r in log.runs.values()], log.recipe["steps"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, chosen in chosen_runs(runs, choose_rates(runs, log.recipe["steps"], score), log.recipe["steps"], score).items():
+    for method, chosen in chosen_runs(runs, choose_rates(runs, base, score), base, score).items():
         curves = [r["validation_curve"] for r in chosen]
         steps = [s for s, _ in curves[0]]
         mean = [statistics.fmean(c[i][1] for c in curves) for i in range(len(steps))]
@@ -422,18 +420,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser(__doc__.split("\n\n")[0], METHODS, METHODS, CACHE / "language_model",
                               "tiny sizes: a smoke run")
     parser.add_argument("--data_dir", type=Path, default=DATA_DIR, help="the python-stdlib parquet folder")
-    parser.add_argument("--lrs", type=float, nargs="+", default=None,
-                        help="rates of the seed-0 sweep (default: the parent's rate only, no sweep)")
-    parser.add_argument("--top", type=int, default=None, help="run the seeds of the K best methods on validation only")
+    add_rate_options(parser, FULL_SIZES.lr)
     parser.add_argument("--child-init", dest="child_init", choices=list(CHILD_INITS), default="random",
                         help="the child (part of the recipe: one results folder per choice)")
     next(a for a in parser._actions if a.dest == "steps").help = (
         "steps of the seed runs (default: the recipe's; the rate is the one chosen at the recipe's steps)")
     opts = parser.parse_args(argv)
-    if opts.top is not None and opts.top < 1:
-        parser.error("--top must be at least 1")
-    if opts.lrs and (min(opts.lrs) <= 0 or len(set(opts.lrs)) != len(opts.lrs)):
-        parser.error(f"--lrs must be distinct positive rates, got {opts.lrs}")
+    check_rate_options(parser, opts)
     if opts.steps is not None and opts.steps < 1:
         parser.error(f"--steps must be at least 1, got {opts.steps}")
     return run_or_report(opts, argv, run_all, lambda out: report(out, opts.cache))

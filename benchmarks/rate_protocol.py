@@ -9,6 +9,7 @@ reads a test metric.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -92,3 +93,18 @@ def edge_choices(runs: list[dict[str, Any]], base_steps: int, rates: dict[str, f
     for run in sweep_runs(runs, base_steps):
         swept.setdefault(run["method"], set()).add(run["lr"])
     return [f"`{m}` ({rates[m]:g})" for m, lrs in swept.items() if len(lrs) > 2 and rates[m] in (min(lrs), max(lrs))]
+
+
+def add_rate_options(parser: argparse.ArgumentParser, default_rate: float) -> None:
+    """`--lrs` (the seed-0 sweep) and `--top` (seeds of the K best only), as both benchmarks take them."""
+    parser.add_argument("--lrs", type=float, nargs="+", default=None,
+                        help=f"rates of the seed-0 sweep (default: the recipe's {default_rate:g} only, no sweep)")
+    parser.add_argument("--top", type=int, default=None, help="run the seeds of the K best methods on validation only")
+
+
+def check_rate_options(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
+    """Refuse a `--top` below 1 and rates that are not distinct and positive, through `parser.error`."""
+    if opts.top is not None and opts.top < 1:
+        parser.error("--top must be at least 1")
+    if opts.lrs and (min(opts.lrs) <= 0 or len(set(opts.lrs)) != len(opts.lrs)):
+        parser.error(f"--lrs must be distinct positive rates, got {opts.lrs}")
