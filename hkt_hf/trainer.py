@@ -28,6 +28,7 @@ from .model_state import base_of, forward_replaced, snapshot_buffers
 from .objective import NonFiniteLossError, StepResult
 from .parent import check_finite_weights, frozen, load_parent
 from .probing import loss_ignores_item_count
+from .search import trial_hkt_settings
 from .sharding import place_parent, release_parent_leftovers
 from .tasks import auto_class_for, task_of
 from .training_args import HKTTrainingArguments
@@ -83,8 +84,7 @@ class HKTTrainer(AdapterLifecycle):
             self.args, parent=parent_name, carriers=[str(c) for c in self.carriers],
             child_architecture=type(base_of(self.model)).__name__, **identity,
         )
-        if self.args.hkt_on_nonfinite == "skip" and self.args.world_size > 1:
-            raise ValueError("hkt_on_nonfinite='skip' works in a single process only; use 'stop' with several.")
+        self._check_nonfinite_policy()
         self._tag(self.model)
         self.add_callback(CheckpointCommitCallback())
         self.hkt_skipped_batches = 0
@@ -92,6 +92,19 @@ class HKTTrainer(AdapterLifecycle):
         if self.train_dataset is not None:  # else at the start of train(): before any optimizer exists either way
             self._build_adapter(self.model)
             self._include_adapter_in_optimizer()
+
+    def _check_nonfinite_policy(self) -> None:
+        if self.args.hkt_on_nonfinite == "skip" and self.args.world_size > 1:
+            raise ValueError("hkt_on_nonfinite='skip' works in a single process only; use 'stop' with several.")
+
+    def _apply_trial(self, trial: Any) -> None:
+        """A `hyperparameter_search` trial's `hkt_*` values on `args` and the lineage, before `Trainer.train` builds
+        the trial's child and adapter from them (`search.py`)."""
+        settings = trial_hkt_settings(self, trial)
+        for key, value in settings.items():
+            setattr(self.args, key, value)
+        self._check_nonfinite_policy()
+        self.hkt_lineage.update({k: v for k, v in settings.items() if k != "hkt_carriers"})  # resolved per child
 
     # ---- parent -------------------------------------------------------------------------------------------
 
@@ -120,6 +133,7 @@ class HKTTrainer(AdapterLifecycle):
         resumes from the checkpoint's `hkt_adapter.safetensors`.
         """
         self._check_not_empty()
+        self._apply_trial(trial)
         with ExitStack() as stack:
             # The adapter leaves the child when train() ends, whatever ends it (a refused resume too).
             stack.callback(lambda: remove_adapter(self.accelerator.unwrap_model(self.model)))  # the run's last child
