@@ -22,7 +22,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .compat import hub_commit
-from .model_state import base_of
+from .model_state import base_of, whole_state
 from .training_args import HKTTrainingArguments, validate_hkt_settings
 
 logger = logging.get_logger(__name__)
@@ -61,26 +61,13 @@ def parent_fingerprint(parent: nn.Module) -> str | None:
 
     Called before the parent is sharded; a ZeRO-3 parameter partitioned at load time is gathered one at a time.
     """
-    params = dict(parent.named_parameters(remove_duplicate=False))
-    state = parent.state_dict()
     digest = hashlib.sha256()
-    for key in sorted(state):
-        tensor = _whole(state[key], params.get(key))
+    for key, tensor in whole_state(parent):
         if tensor.is_meta:
             return None
         digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
-
-
-def _whole(tensor: torch.Tensor, param: nn.Parameter | None) -> torch.Tensor:
-    """The full tensor behind a state-dict entry (gathering a ZeRO-3 partition or a DTensor's shards)."""
-    if param is not None and hasattr(param, "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([param]):
-            return param.detach().cpu().clone()
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def parent_identity(parent: nn.Module) -> dict[str, str | None]:

@@ -1,5 +1,6 @@
 """Temporary states of a model, each undone when its block ends or its `restore()` runs: its mode, its batch-norm
-statistics and buffers, its forward; and the model under a PEFT wrapper, whose module names carriers use."""
+statistics and buffers, its forward; the model under a PEFT wrapper, whose module names carriers use; and its state
+whole, wherever DeepSpeed or FSDP2 put its pieces."""
 
 from __future__ import annotations
 
@@ -17,6 +18,23 @@ def base_of(model: nn.Module) -> nn.Module:
     """The model under a PEFT wrapper (`get_base_model()`), else the model itself: carriers name its modules."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def whole_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's state dict in sorted key order, each tensor whole: a ZeRO-3 partition gathered (one at a time,
+    so a model partitioned at load time is never whole in memory) or a DTensor's shards joined."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    state = model.state_dict()
+    for key in sorted(state):
+        param = params.get(key)
+        if param is not None and hasattr(param, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param]):
+                yield key, param.detach().cpu().clone()
+        else:
+            tensor = state[key]
+            yield key, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 @contextmanager

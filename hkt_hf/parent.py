@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .compat import is_batch_norm
-from .model_state import base_of
+from .model_state import base_of, whole_state
 from .tasks import auto_class_for, is_classifier, task_of
 
 PEFT_ADAPTER_CONFIG = "adapter_config.json"
@@ -102,9 +102,10 @@ def check_compatible(parent: nn.Module, child: nn.Module) -> None:
 
 
 def check_finite_weights(parent: nn.Module, name: str) -> None:
-    """Refuse a parent with NaN/inf weights or buffers (a corrupted file, a diverged run) before training starts."""
-    for key, tensor in parent.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    """Refuse a parent with NaN/inf weights or buffers (a corrupted file, a diverged run) before training starts;
+    parameters partitioned by ZeRO-3 at load time are checked whole."""
+    for key, tensor in whole_state(parent):
+        if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all():
             raise ValueError(
                 f"The parent {name} has non-finite values (NaN or inf) in '{key}': it cannot teach. Check the parent "
                 "checkpoint (re-download or re-train it)."

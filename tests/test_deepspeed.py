@@ -116,3 +116,16 @@ def test_parent_zero3_config_drops_the_training_blocks_and_sizes_auto_buckets_fr
     assert run["optimizer"] and run["zero_optimization"]["reduce_bucket_size"] == "auto"
     sizeless = parent_zero3_config(run, torch.nn.Linear(2, 2))  # no config: DeepSpeed's defaults
     assert sizeless["zero_optimization"] == {"stage": 3}
+
+
+def test_a_parent_partitioned_while_loading_is_checked_and_fingerprinted_whole(tmp_path):
+    """A parent named by path under ZeRO-3 is partitioned by `from_pretrained` (`zero.Init`), so each process holds
+    half of each parameter when the trainer reads it: its fingerprint is the whole weights' and a NaN in one weight
+    is refused, as without DeepSpeed."""
+    out = tmp_path / "out.json"
+    with torchrun_in_background(Path(__file__).resolve().parent / "zero3_parent_worker.py", out):
+        pass
+    result = json.loads(out.read_text())
+    assert result["recorded"] == result["whole"] and result["whole"] is not None
+    assert result["refused"] and "non-finite values (NaN or inf) in 'vit.layers.1.attention.q_proj.weight'" in \
+        result["refused"]
