@@ -37,7 +37,7 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     torch.set_num_threads(1)
     out = Path(sys.argv[1])
-    rank = int(__import__("os").environ["RANK"])
+    rank = dist.get_rank()
     healthy, damaged = tiny_vit(32, layers=2, seed=1), tiny_vit(32, layers=2, seed=1)
     with torch.no_grad():
         damaged.vit.layers[1].attention.q_proj.weight[0, 0] = float("nan")
