@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from .adapter_lifecycle import AdapterLifecycle
 from .checkpointing import CheckpointCommitCallback, begin_save, prepare_resume
 from .lineage import lineage_record, parent_identity, write_lineage
 from .model_card import TAGS, add_lineage_to_card
-from .model_state import base_of, forward_replaced, snapshot_buffers
+from .model_state import base_of, forward_replaced, snapshot_buffers, whole_state
 from .objective import NonFiniteLossError, StepResult
 from .parent import check_finite_weights, frozen, load_parent
 from .probing import loss_ignores_item_count
@@ -280,17 +280,7 @@ class HKTTrainer(AdapterLifecycle):
     def _full_adapter_state(self) -> dict[str, torch.Tensor]:
         """The adapter's state gathered on every process (ZeRO-3 partitions and FSDP2 shards it with the child)."""
         adapter = get_adapter(self.accelerator.unwrap_model(self.model))
-        params = list(adapter.parameters())
-        gather = nullcontext()
-        if self.is_deepspeed_enabled and any(hasattr(p, "ds_id") for p in params):
-            import deepspeed
-
-            gather = deepspeed.zero.GatheredParameters(params)
-        with gather:
-            return {
-                key: (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().cpu().clone()
-                for key, value in adapter.state_dict().items()
-            }
+        return {key: value.detach().cpu().clone() for key, value in whole_state(adapter)}
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model` (the plain child's weights: the adapter's keys are never in them), plus the lineage

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import ViTForImageClassification
 
 from helpers import tiny_vit
+from hkt_hf.adapter import ADAPTER_WEIGHTS_NAME
 
 # Both runs add the same per-sample fp32 losses and gradients, only in a different order (one batch mean versus
 # two half-batch means averaged by the all-reduce): each sum differs by a few float32 ulps (eps = 1.2e-7, the
@@ -73,3 +74,17 @@ def assert_saved_plain_child_like_one_process(one: dict, two: dict) -> None:
     assert moved > 100 * WEIGHT_TOLERANCE
     for name, value in model_one.state_dict().items():
         torch.testing.assert_close(trained[name], value, atol=WEIGHT_TOLERANCE, rtol=0, msg=name)
+
+
+def assert_checkpoint_adapter_like_one_process(one: dict, two: dict) -> None:
+    """A checkpoint written while the adapter is attached holds its whole state (gathered from ZeRO-3 partitions or
+    FSDP2 shards, not this rank's slice), equal to the 1-process run's: what an exact resume reads."""
+    states = []
+    for run in (one, two):
+        with safe_open(Path(run["checkpoint"]) / ADAPTER_WEIGHTS_NAME, "pt") as weights:
+            states.append({key: weights.get_tensor(key) for key in weights.keys()})
+    adapter_one, adapter_two = states
+    assert adapter_one and adapter_one.keys() == adapter_two.keys()
+    for key, value in adapter_one.items():
+        assert adapter_two[key].shape == value.shape, key
+        torch.testing.assert_close(adapter_two[key], value, atol=WEIGHT_TOLERANCE, rtol=0, msg=key)

@@ -154,8 +154,10 @@ def run(name: str, hkt: dict, per_device_batch: int, output_dir: str, fsdp: bool
     extra = dict(fsdp=True, fsdp_config=dict(FSDP_CONFIG)) if fsdp else {}
     if zero_stage:
         fsdp, extra = False, dict(deepspeed=deepspeed_config(zero_stage))
+    # A checkpoint at the last step, while the adapter is attached: its state is saved whole from the shards.
     args = training_args(
-        output_dir, per_device_train_batch_size=per_device_batch, max_steps=STEPS, learning_rate=5e-3, **extra, **hkt
+        output_dir, per_device_train_batch_size=per_device_batch, max_steps=STEPS, learning_rate=5e-3,
+        save_strategy="steps", save_steps=STEPS, **extra, **hkt
     )
     trainer = (CPUFSDPTrainer if fsdp else HKTTrainer)(
         child, args, train_dataset=image_dataset(GLOBAL_BATCH * STEPS), parent_model=parent
@@ -186,6 +188,7 @@ def run(name: str, hkt: dict, per_device_batch: int, output_dir: str, fsdp: bool
         "parent_partitions": parent_partitioning(parent),
         "parent_changed": max(float((v - parent_before[k]).abs().max()) for k, v in parent_state(parent).items()),
         "saved": saved,
+        "checkpoint": f"{output_dir}/checkpoint-{STEPS}",
     }
 
 

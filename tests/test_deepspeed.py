@@ -21,7 +21,7 @@ import torch
 from dist_worker import GLOBAL_BATCH, SETTINGS
 from fsdp_worker import one_process_runs
 from helpers import torchrun_in_background
-from distributed_checks import assert_parent_halved, assert_parent_untouched, assert_same_trajectory, assert_saved_plain_child_like_one_process
+from distributed_checks import assert_checkpoint_adapter_like_one_process, assert_parent_halved, assert_parent_untouched, assert_same_trajectory, assert_saved_plain_child_like_one_process
 
 WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
 STAGES = [2, 3]
@@ -97,6 +97,12 @@ def test_zero_child_saves_as_a_plain_model_equal_to_the_one_process_child(runs, 
     """`save_model` gathers the child (under ZeRO-3 with `stage3_gather_16bit_weights_on_model_save`, which keeps
     fp32 here) without the adapter; measured: within 8.3e-6 of the 1-process child."""
     assert_saved_plain_child_like_one_process(*one_and_two(runs, stage, setting))
+
+
+@pytest.mark.parametrize("stage, setting", CASES)
+def test_zero_checkpoint_holds_the_whole_adapter_state(runs, stage, setting):
+    """Under ZeRO-3 each rank holds a slice of the adapter; the checkpoint's adapter file is gathered whole."""
+    assert_checkpoint_adapter_like_one_process(*one_and_two(runs, stage, setting))
 
 
 def test_parent_zero3_config_drops_the_training_blocks_and_sizes_auto_buckets_from_the_parent():

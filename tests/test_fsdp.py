@@ -14,7 +14,7 @@ import pytest
 
 from dist_worker import GLOBAL_BATCH, SETTINGS
 from fsdp_worker import one_process_runs
-from distributed_checks import assert_parent_halved, assert_parent_untouched, assert_same_trajectory, assert_saved_plain_child_like_one_process
+from distributed_checks import assert_checkpoint_adapter_like_one_process, assert_parent_halved, assert_parent_untouched, assert_same_trajectory, assert_saved_plain_child_like_one_process
 from helpers import torchrun_in_background
 from hkt_hf.mixture import LearnedGate
 
@@ -64,6 +64,11 @@ def test_two_fsdp_processes_follow_the_one_process_trajectory(one_and_two_proces
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_fsdp_child_saves_as_a_plain_model_equal_to_the_one_process_child(one_and_two_processes, setting):
     assert_saved_plain_child_like_one_process(*(runs[setting] for runs in one_and_two_processes))
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_fsdp_checkpoint_holds_the_whole_adapter_state(one_and_two_processes, setting):
+    assert_checkpoint_adapter_like_one_process(*(runs[setting] for runs in one_and_two_processes))
 
 
 def test_learned_gate_lambda_is_one_dimensional():
