@@ -144,24 +144,48 @@ def parent_partitioning(parent: torch.nn.Module) -> dict | None:
     return None
 
 
+RESUME_FROM = STEPS // 2  # the resumed run starts from this checkpoint of the uninterrupted one
+
+
+def models() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The worker's parent and child, the same each time."""
+    return tiny_vit(32, layers=2, seed=1), tiny_vit(16, layers=2, seed=2)
+
+
+def make_trainer(parent: torch.nn.Module, child: torch.nn.Module, hkt: dict, per_device_batch: int, output_dir: str,
+                 fsdp: bool, zero_stage: int) -> HKTTrainer:
+    extra = dict(fsdp=True, fsdp_config=dict(FSDP_CONFIG)) if fsdp else {}
+    if zero_stage:
+        fsdp, extra = False, dict(deepspeed=deepspeed_config(zero_stage))
+    # Checkpoints while the adapter is attached: its state is saved whole from the shards.
+    args = training_args(
+        output_dir, per_device_train_batch_size=per_device_batch, max_steps=STEPS, learning_rate=5e-3,
+        save_strategy="steps", save_steps=RESUME_FROM, **extra, **hkt
+    )
+    return (CPUFSDPTrainer if fsdp else HKTTrainer)(
+        child, args, train_dataset=image_dataset(GLOBAL_BATCH * STEPS), parent_model=parent
+    )
+
+
+def resumed(hkt: dict, per_device_batch: int, output_dir: str, fsdp: bool, zero_stage: int) -> dict:
+    """A second run from the first's middle checkpoint (child, adapter, optimizer, scheduler, RNG states): its
+    losses after the resume point and its saved child, for comparison with the uninterrupted run."""
+    trainer = make_trainer(*models(), hkt, per_device_batch, f"{output_dir}/resumed", fsdp, zero_stage)
+    trainer.train(resume_from_checkpoint=f"{output_dir}/checkpoint-{RESUME_FROM}")
+    trainer.save_model(f"{output_dir}/resumed/child")
+    history = trainer.state.log_history  # the checkpoint's logs, then the resumed steps'
+    return {"losses": [log["loss"] for log in history if "loss" in log and log["step"] > RESUME_FROM],
+            "saved": f"{output_dir}/resumed/child"}
+
+
 def run(name: str, hkt: dict, per_device_batch: int, output_dir: str, fsdp: bool, zero_stage: int = 0) -> dict:
     if zero_stage:
         import deepspeed
 
         deepspeed.ops.__compatible_ops__[DEEPSPEED_SHM_OP] = False
-    parent, child = tiny_vit(32, layers=2, seed=1), tiny_vit(16, layers=2, seed=2)
+    parent, child = models()
     parent_before = {k: v.clone() for k, v in parent.state_dict().items()}
-    extra = dict(fsdp=True, fsdp_config=dict(FSDP_CONFIG)) if fsdp else {}
-    if zero_stage:
-        fsdp, extra = False, dict(deepspeed=deepspeed_config(zero_stage))
-    # A checkpoint at the last step, while the adapter is attached: its state is saved whole from the shards.
-    args = training_args(
-        output_dir, per_device_train_batch_size=per_device_batch, max_steps=STEPS, learning_rate=5e-3,
-        save_strategy="steps", save_steps=STEPS, **extra, **hkt
-    )
-    trainer = (CPUFSDPTrainer if fsdp else HKTTrainer)(
-        child, args, train_dataset=image_dataset(GLOBAL_BATCH * STEPS), parent_model=parent
-    )
+    trainer = make_trainer(parent, child, hkt, per_device_batch, output_dir, fsdp, zero_stage)
     trainer.train()
     history = [log for log in trainer.state.log_history if "loss" in log]
     adapter = trainer.hkt_adapter
@@ -189,6 +213,7 @@ def run(name: str, hkt: dict, per_device_batch: int, output_dir: str, fsdp: bool
         "parent_changed": max(float((v - parent_before[k]).abs().max()) for k, v in parent_state(parent).items()),
         "saved": saved,
         "checkpoint": f"{output_dir}/checkpoint-{STEPS}",
+        "resumed": resumed(hkt, per_device_batch, output_dir, fsdp, zero_stage),
     }
 
 

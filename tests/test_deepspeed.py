@@ -21,7 +21,7 @@ import torch
 from dist_worker import GLOBAL_BATCH, SETTINGS
 from fsdp_worker import one_process_runs
 from helpers import torchrun_in_background
-from distributed_checks import assert_checkpoint_adapter_like_one_process, assert_parent_halved, assert_parent_untouched, assert_same_trajectory, assert_saved_plain_child_like_one_process
+from distributed_checks import assert_checkpoint_adapter_like_one_process, assert_resume_continues_the_run, assert_parent_halved, assert_parent_untouched, assert_same_trajectory, assert_saved_plain_child_like_one_process
 
 WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
 STAGES = [2, 3]
@@ -103,6 +103,14 @@ def test_zero_child_saves_as_a_plain_model_equal_to_the_one_process_child(runs, 
 def test_zero_checkpoint_holds_the_whole_adapter_state(runs, stage, setting):
     """Under ZeRO-3 each rank holds a slice of the adapter; the checkpoint's adapter file is gathered whole."""
     assert_checkpoint_adapter_like_one_process(*one_and_two(runs, stage, setting))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_zero_resume_continues_the_run(runs, stage, setting):
+    """DeepSpeed saves and loads its own engine checkpoint (partitioned optimizer state); HKT's adapter file is
+    loaded before the engine is made."""
+    assert_resume_continues_the_run(runs[stage][setting])
 
 
 def test_parent_zero3_config_drops_the_training_blocks_and_sizes_auto_buckets_from_the_parent():

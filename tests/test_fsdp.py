@@ -14,7 +14,7 @@ import pytest
 
 from dist_worker import GLOBAL_BATCH, SETTINGS
 from fsdp_worker import one_process_runs
-from distributed_checks import assert_checkpoint_adapter_like_one_process, assert_parent_halved, assert_parent_untouched, assert_same_trajectory, assert_saved_plain_child_like_one_process
+from distributed_checks import assert_checkpoint_adapter_like_one_process, assert_resume_continues_the_run, assert_parent_halved, assert_parent_untouched, assert_same_trajectory, assert_saved_plain_child_like_one_process
 from helpers import torchrun_in_background
 from hkt_hf.mixture import LearnedGate
 
@@ -69,6 +69,12 @@ def test_fsdp_child_saves_as_a_plain_model_equal_to_the_one_process_child(one_an
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_fsdp_checkpoint_holds_the_whole_adapter_state(one_and_two_processes, setting):
     assert_checkpoint_adapter_like_one_process(*(runs[setting] for runs in one_and_two_processes))
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_fsdp_resume_continues_the_run(one_and_two_processes, setting):
+    for runs in one_and_two_processes:  # 1 plain process and 2 FSDP2 processes
+        assert_resume_continues_the_run(runs[setting])
 
 
 def test_learned_gate_lambda_is_one_dimensional():
